@@ -1,0 +1,122 @@
+"""Settings: the one place environment variables (``PACORE_*``) and the settings file are read."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "get_settings"]
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "test"}
+
+
+class Settings(BaseSettings):
+    """Platform settings. Precedence: init arguments, ``PACORE_*`` environment, the YAML file
+    named by ``PACORE_CONFIG_FILE``, then these defaults (the embedded mode)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACORE_", extra="forbid", env_nested_delimiter="__", validate_default=True
+    )
+
+    mode: Literal["embedded", "production"] = Field(
+        default="embedded",
+        description="embedded: SQLite, in-process vectors, secrets generated into data_dir; "
+        "production: every secret and store must be given",
+    )
+    config_file: Path | None = Field(default=None, description="YAML file of these settings")
+    data_dir: Path = Field(
+        default=Path("~/.pacore"), description="embedded database, vectors and generated secrets"
+    )
+
+    # Storage
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; default sqlite+aiosqlite in data_dir. "
+        "PostgreSQL: postgresql+asyncpg://user@host/db",
+    )
+    database_pool_size: int = Field(default=10, ge=1)
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server URL; unset means the embedded in-process index"
+    )
+    qdrant_api_key: SecretStr | None = None
+    qdrant_collection: str = Field(default="pacore_messages")
+    redis_url: str | None = Field(
+        default=None, description="shared state across replicas (agent routing, rate limits)"
+    )
+
+    # Embeddings and memory
+    embedding_model: str = Field(
+        default="all-MiniLM-L6-v2",
+        description="sentence-transformers model name or path; the default ships offline",
+    )
+    embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
+    embedding_batch_size: int = Field(default=64, ge=1)
+    embedding_batch_wait_s: float = Field(default=0.005, ge=0)
+    memory_top_k: int = Field(default=5, ge=0, le=50, description="context messages injected")
+    memory_token_budget: int = Field(default=1000, ge=0, description="tokens of injected context")
+    memory_min_score: float = Field(default=0.3, ge=-1, le=1)
+
+    # Security
+    secret_key: SecretStr | None = Field(
+        default=None, description="JWT signing key; generated into data_dir in embedded mode"
+    )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="base64 32-byte AES-GCM key for provider API keys; generated in embedded mode",
+    )
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    session_ttl_minutes: int = Field(default=60 * 24, ge=1, description="login token lifetime")
+
+    # HTTP
+    host: str = Field(default="127.0.0.1", description="loopback unless told otherwise")
+    port: int = Field(default=8000, ge=1, le=65535)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger bodies get 413")
+    rate_limit_per_minute: int = Field(default=600, ge=0, description="per user; 0 disables")
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("PACORE_CONFIG_FILE")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'pacore.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.mode == "embedded"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as a dict safe to log or pass across processes (secrets kept as secrets)."""
+        return self.model_dump(exclude={"config_file"})
+
+
+def get_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

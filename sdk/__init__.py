@@ -1,0 +1,1 @@
+"""The PA Core Python client."""
