@@ -1,0 +1,1 @@
+"""Loopback servers that speak upstream wire protocols, for tests, benchmarks and demos."""
