@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from pacore.providers._http import RetryPolicy
 from pacore.types import (
     CompletionChunk,
     CompletionRequest,
@@ -84,6 +85,16 @@ class Provider(ABC):
     @property
     def base_url(self) -> str | None:
         return self.config.base_url or self.default_base_url
+
+    def retry_policy(self) -> RetryPolicy:
+        """Retries before the first token: ``max_retries`` from the config, backoff from options
+        (``retry_base_delay_s``, ``retry_max_delay_s``)."""
+        opts = self.config.options
+        return RetryPolicy(
+            max_retries=self.config.max_retries,
+            base_delay_s=float(opts.get("retry_base_delay_s", 0.25)),
+            max_delay_s=float(opts.get("retry_max_delay_s", 8.0)),
+        )
 
     def model_for(self, request: CompletionRequest) -> str:
         from pacore.errors import BadRequestError
