@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
+import httpx2
 
 from pacore.errors import (
     PACoreError,
@@ -32,6 +33,7 @@ __all__ = [
     "call_with_retries",
     "error_from_response",
     "new_http_client",
+    "new_sdk_http_client",
     "parse_retry_after",
     "stream_with_retries",
     "translate_transport_error",
@@ -69,6 +71,14 @@ def new_http_client(
     if headers:
         kwargs["headers"] = dict(headers)
     return httpx.AsyncClient(**kwargs)  # type: ignore[arg-type]
+
+
+def new_sdk_http_client(*, timeout_s: float, connect_timeout_s: float = 5.0) -> httpx2.AsyncClient:
+    """The same timeouts and pool limits for the official SDKs, which are built on ``httpx2``."""
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30),
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -123,13 +133,13 @@ def translate_transport_error(exc: BaseException, provider: str) -> PACoreError:
     """Map a network-level failure (no HTTP answer) to a platform error."""
     if isinstance(exc, PACoreError):
         return exc
-    if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
+    if isinstance(exc, httpx.TimeoutException | httpx2.TimeoutException | asyncio.TimeoutError):
         return TimeoutError(f"{provider}: upstream timed out", provider=provider)
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, httpx.ConnectError | httpx2.ConnectError):
         return UpstreamUnavailableError(f"{provider}: cannot connect to upstream", provider=provider)
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, httpx.RemoteProtocolError | httpx2.RemoteProtocolError):
         return UpstreamError(f"{provider}: upstream closed the connection early", provider=provider)
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, httpx.HTTPError | httpx2.HTTPError):
         return UpstreamError(f"{provider}: upstream transport error", provider=provider)
     return UpstreamError(f"{provider}: unexpected upstream failure", provider=provider)
 
