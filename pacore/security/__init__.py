@@ -1,0 +1,1 @@
+"""Security primitives: password hashing, signed tokens, provider-key encryption, secrets."""
