@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     session_ttl_minutes: int = Field(default=60 * 24, ge=1, description="login token lifetime")
 
+    # Usage
+    price_table_file: Path | None = Field(
+        default=None,
+        description="YAML or JSON mapping model prefix -> {input, output} USD per 1M tokens; "
+        "extends and overrides the built-in price table",
+    )
+
     # HTTP
     host: str = Field(default="127.0.0.1", description="loopback unless told otherwise")
     port: int = Field(default=8000, ge=1, le=65535)
