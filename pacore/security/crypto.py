@@ -62,7 +62,7 @@ def key_id_of(key: bytes) -> str:
 
 def generate_master_key() -> str:
     """A fresh random 32-byte master key, base64 encoded as the settings expect it."""
-    return base64.b64encode(os.urandom(32)).decode()
+    return AesGcmCipher.encode_key(os.urandom(32))
 
 
 def decode_master_key(encoded: str) -> bytes:
@@ -97,6 +97,11 @@ class AesGcmCipher:
     @classmethod
     def from_base64(cls, primary: str, previous: Iterable[str] = ()) -> AesGcmCipher:
         return cls(decode_master_key(primary), [decode_master_key(k) for k in previous])
+
+    @staticmethod
+    def encode_key(key: bytes) -> str:
+        """A raw 32-byte key in the base64 form the settings take."""
+        return base64.b64encode(key).decode()
 
     @property
     def key_id(self) -> str:
