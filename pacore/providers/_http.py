@@ -9,6 +9,7 @@ decides when to try again.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import random
 import time
@@ -97,10 +98,14 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     try:
         return float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(0.0, parsed.timestamp() - time.time())
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # neither seconds nor a date: no advice
+        return None
+    if parsed.tzinfo is None:  # HTTP dates are GMT
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return max(0.0, parsed.timestamp() - time.time())
 
 
 def error_from_response(
@@ -198,5 +203,5 @@ async def aclose_quietly(it: object) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except Exception:  # noqa: BLE001 - closing must never mask the real outcome
+        except Exception:  # closing must never mask the real outcome
             pass
