@@ -203,5 +203,5 @@ async def aclose_quietly(it: object) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except Exception:  # closing must never mask the real outcome
+        except Exception:  # noqa: BLE001 - closing must never mask the real outcome
             pass
