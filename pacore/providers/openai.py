@@ -63,8 +63,8 @@ __all__ = [
     "translate_openai_error",
 ]
 
-# Keys of ``request.extra`` that would override what the adapter itself decides.
-_RESERVED = frozenset({"model", "messages", "stream", "stream_options"})
+# Keys of ``request.extra`` that would override what the adapter itself decides (one choice, n=1).
+_RESERVED = frozenset({"model", "messages", "stream", "stream_options", "n"})
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -326,10 +326,11 @@ class OpenAIProvider(Provider):
                 chunk = chunk_from_openai(raw)
                 if chunk is None:
                     continue
-                usage = chunk.usage or usage
+                # Some servers report running usage on every chunk: only the last one keeps it.
+                usage, chunk.usage = chunk.usage or usage, None
                 if final is not None or chunk.finish_reason is not None:
                     final = _merge(final, chunk)
-                else:
+                elif chunk.content or chunk.tool_calls:
                     yield chunk
         except Exception as exc:
             raise self._error(exc) from exc

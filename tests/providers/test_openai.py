@@ -388,3 +388,26 @@ def test_server_runs_as_its_own_process() -> None:
             assert len(lines) == 1 + 3 + 1 + 1  # role, tokens, finish, [DONE]
         finally:
             proc.terminate()
+
+
+def sdk_chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> Any:
+    from openai.types.chat import ChatCompletionChunk
+
+    # As the SDK builds it from a response: not validated, so unknown values pass through.
+    return ChatCompletionChunk.construct(
+        id="c", object="chat.completion.chunk", created=0, model="m", choices=choices, usage=usage,
+    )
+
+
+def test_chunk_translation_edge_cases() -> None:
+    from pacore.providers.openai import chunk_from_openai
+
+    role_only = sdk_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+    assert chunk_from_openai(role_only) is None
+    usage_only = chunk_from_openai(sdk_chunk([], {"prompt_tokens": 2, "completion_tokens": 3,
+                                                  "total_tokens": 5}))
+    assert usage_only is not None and usage_only.usage is not None
+    assert usage_only.usage.total_tokens == 5
+    for upstream, ours in [("eos", "stop"), ("function_call", "tool_calls"), ("length", "length")]:
+        chunk = chunk_from_openai(sdk_chunk([{"index": 0, "delta": {}, "finish_reason": upstream}]))
+        assert chunk is not None and chunk.finish_reason == ours
