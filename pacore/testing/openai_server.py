@@ -105,13 +105,15 @@ class _TruncatedStream(Exception):
     """Raised inside the app to make uvicorn drop the connection in the middle of a response."""
 
 
-class _QuietTruncation(logging.Filter):
+class _QuietOnPurpose(logging.Filter):
+    """Drops uvicorn's traceback for a scripted truncation or an answer cut off by stop()."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, _TruncatedStream)
+        return not isinstance(exc, _TruncatedStream | asyncio.CancelledError)
 
 
-logging.getLogger("uvicorn.error").addFilter(_QuietTruncation())
+logging.getLogger("uvicorn.error").addFilter(_QuietOnPurpose())
 
 
 class OpenAIServer:
@@ -200,6 +202,8 @@ class OpenAIServer:
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
+            # Answers still under way (a scripted delay, an abandoned stream) are not waited for.
+            self._server.force_exit = True
             self._server.should_exit = True
             self._thread.join(timeout=10.0)
         self._server = None
