@@ -77,8 +77,8 @@ _STATUS_BY_ERROR_TYPE: dict[str, int] = {
 }
 
 # What the SDK raises: its own errors, raw httpx2 errors from a stream being read, and
-# ValueError (json.JSONDecodeError, pydantic) for an event that is not valid JSON.
-_SDK_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
+# JSONDecodeError for a stream event that is not valid JSON.
+_SDK_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError)
 
 
 @register("anthropic")
@@ -91,10 +91,14 @@ class AnthropicProvider(Provider):
         self._http = new_sdk_http_client(
             timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s
         )
+        # Given on every call, so that the SDK never swaps in a timeout of its own choosing.
+        self._timeout = self._http.timeout
         # An explicit key (even an empty one) keeps the SDK from reading credentials from the
         # environment or the disk; the upstream answers 401 when it is missing.
         self._client = anthropic.AsyncAnthropic(
-            api_key=config.key() or "", base_url=self.base_url, max_retries=0,
+            api_key=config.key() or "",
+            base_url=self.base_url,
+            max_retries=0,
             http_client=self._http,
         )
 
@@ -103,7 +107,7 @@ class AnthropicProvider(Provider):
 
         async def once() -> at.Message:
             try:
-                return await self._client.messages.create(**params)
+                return await self._client.messages.create(**params, timeout=self._timeout)
             except _SDK_ERRORS as exc:
                 raise self._error(exc) from exc
 
@@ -121,7 +125,9 @@ class AnthropicProvider(Provider):
 
     async def _stream_once(self, params: dict[str, Any]) -> AsyncIterator[CompletionChunk]:
         try:
-            events = await self._client.messages.create(**params, stream=True)
+            events = await self._client.messages.create(
+                **params, stream=True, timeout=self._timeout
+            )
         except _SDK_ERRORS as exc:
             raise self._error(exc) from exc
         state = _StreamState(params["model"], self.name)
@@ -144,7 +150,9 @@ class AnthropicProvider(Provider):
             await self._client.models.list(limit=1)
         except _SDK_ERRORS as exc:
             error = self._error(exc)
-            return ProviderHealth(healthy=False, latency_ms=_ms_since(started), detail=error.message)
+            return ProviderHealth(
+                healthy=False, latency_ms=_ms_since(started), detail=error.message
+            )
         return ProviderHealth(healthy=True, latency_ms=_ms_since(started))
 
     async def list_models(self) -> list[ModelInfo]:
@@ -154,13 +162,17 @@ class AnthropicProvider(Provider):
             # An Anthropic-compatible endpoint without /v1/models: it can only vouch for the
             # model it was configured with.
             default = self.config.default_model
-            return [ModelInfo(id=default, provider=self.name, owned_by="anthropic")] if default else []
+            return (
+                [ModelInfo(id=default, provider=self.name, owned_by="anthropic")] if default else []
+            )
 
     async def _list_models_once(self) -> list[ModelInfo]:
         try:
             return [
                 ModelInfo(
-                    id=m.id, provider=self.name, owned_by="anthropic",
+                    id=m.id,
+                    provider=self.name,
+                    owned_by="anthropic",
                     context_length=getattr(m, "max_input_tokens", None),
                 )
                 async for m in self._client.models.list(limit=100)
@@ -181,7 +193,9 @@ class AnthropicProvider(Provider):
             self.config.options.get("max_tokens", DEFAULT_MAX_TOKENS)
         )
         params: dict[str, Any] = {
-            "model": self.model_for(request), "messages": messages, "max_tokens": max_tokens,
+            "model": self.model_for(request),
+            "messages": messages,
+            "max_tokens": max_tokens,
         }
         if system:
             params["system"] = system
@@ -200,7 +214,8 @@ class AnthropicProvider(Provider):
             if request.temperature > 1:
                 raise BadRequestError(
                     "anthropic accepts a temperature between 0 and 1",
-                    provider=self.name, param="temperature",
+                    provider=self.name,
+                    param="temperature",
                 )
             sampling["temperature"] = request.temperature
         if request.top_p is not None:
@@ -216,8 +231,10 @@ class AnthropicProvider(Provider):
             if exc.__cause__ is None and isinstance(exc, anthropic.APITimeoutError):
                 return PACoreTimeoutError(f"{self.name}: upstream timed out", provider=self.name)
             return translate_transport_error(exc.__cause__ or exc, self.name)
-        if isinstance(exc, ValueError):
-            return UpstreamError(f"{self.name}: malformed response from upstream", provider=self.name)
+        if isinstance(exc, json.JSONDecodeError):
+            return UpstreamError(
+                f"{self.name}: malformed response from upstream", provider=self.name
+            )
         return translate_transport_error(exc, self.name)
 
     def _status_error(self, exc: anthropic.APIStatusError) -> PACoreError:
@@ -253,7 +270,8 @@ class _StreamState:
             prompt = self.usage.prompt_tokens
             if event.usage.input_tokens is not None:
                 prompt = _prompt_tokens(
-                    event.usage.input_tokens, event.usage.cache_creation_input_tokens,
+                    event.usage.input_tokens,
+                    event.usage.cache_creation_input_tokens,
                     event.usage.cache_read_input_tokens,
                 )
             self.usage = Usage.of(prompt, event.usage.output_tokens)
@@ -333,10 +351,14 @@ def _blocks(message: Message) -> list[dict[str, Any]]:
         return [_tool_result(message)]
     blocks = _content_blocks(message.content, allow_images=message.role == "user")
     for call in message.tool_calls or []:
-        blocks.append({
-            "type": "tool_use", "id": call.id, "name": call.name,
-            "input": _arguments(call.arguments),
-        })
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.id,
+                "name": call.name,
+                "input": _arguments(call.arguments),
+            }
+        )
     return blocks
 
 
@@ -377,7 +399,7 @@ def _image_block(part: ImagePart) -> dict[str, Any]:
             raise BadRequestError("an image given as data needs a media_type", param="messages")
         source = {"type": "base64", "media_type": part.media_type, "data": part.data}
     elif part.url and part.url.startswith("data:"):
-        header, _, data = part.url[len("data:"):].partition(",")
+        header, _, data = part.url[len("data:") :].partition(",")
         media_type, _, encoding = header.partition(";")
         if encoding != "base64" or not media_type or not data:
             raise BadRequestError(
@@ -407,14 +429,16 @@ def _tool_params(
     if not tools:
         if choice not in (None, "auto", "none"):
             raise BadRequestError(
-                "tool_choice names a tool but no tools were given", provider=provider,
+                "tool_choice names a tool but no tools were given",
+                provider=provider,
                 param="tool_choice",
             )
         return {}
     params: dict[str, Any] = {
         "tools": [
             {"name": t.name, "description": t.description, "input_schema": t.parameters}
-            if t.description else {"name": t.name, "input_schema": t.parameters}
+            if t.description
+            else {"name": t.name, "input_schema": t.parameters}
             for t in tools
         ]
     }
@@ -428,7 +452,8 @@ def _tool_params(
         params["tool_choice"] = {"type": "tool", "name": choice}
     else:
         raise BadRequestError(
-            f"tool_choice names '{choice}', which is not among the tools", provider=provider,
+            f"tool_choice names '{choice}', which is not among the tools",
+            provider=provider,
             param="tool_choice",
         )
     return params

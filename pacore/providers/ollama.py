@@ -52,8 +52,10 @@ class OllamaProvider(Provider):
         key = config.key()
         # Ollama has no keys of its own; one configured is for a proxy in front of it.
         self._http = new_http_client(
-            timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s,
-            base_url=self.base_url, headers={"authorization": f"Bearer {key}"} if key else None,
+            timeout_s=config.timeout_s,
+            connect_timeout_s=config.connect_timeout_s,
+            base_url=self.base_url,
+            headers={"authorization": f"Bearer {key}"} if key else None,
         )
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
@@ -108,22 +110,30 @@ class OllamaProvider(Provider):
             return ProviderHealth(healthy=False, latency_ms=_ms_since(started), detail=exc.message)
         version = data.get("version") if isinstance(data, dict) else None
         return ProviderHealth(
-            healthy=True, latency_ms=_ms_since(started),
+            healthy=True,
+            latency_ms=_ms_since(started),
             detail=f"ollama {version}" if version else None,
         )
 
     async def list_models(self) -> list[ModelInfo]:
         try:
-            data = await call_with_retries(lambda: self._call("GET", "/api/tags"), self.retry_policy())
+            data = await call_with_retries(
+                lambda: self._call("GET", "/api/tags"), self.retry_policy()
+            )
         except NotFoundError:
             default = self.config.default_model
             return [ModelInfo(id=default, provider=self.name, owned_by="ollama")] if default else []
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, list):
-            raise UpstreamError(f"{self.name}: /api/tags answered without models", provider=self.name)
+            raise UpstreamError(
+                f"{self.name}: /api/tags answered without models", provider=self.name
+            )
         return [
-            ModelInfo(id=str(m.get("name") or m.get("model")), provider=self.name, owned_by="ollama")
-            for m in models if isinstance(m, dict) and (m.get("name") or m.get("model"))
+            ModelInfo(
+                id=str(m.get("name") or m.get("model")), provider=self.name, owned_by="ollama"
+            )
+            for m in models
+            if isinstance(m, dict) and (m.get("name") or m.get("model"))
         ]
 
     async def aclose(self) -> None:
@@ -166,7 +176,9 @@ class OllamaProvider(Provider):
 
     def _result(self, data: Any) -> CompletionResult:
         if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
-            raise UpstreamError(f"{self.name}: /api/chat answered without a message", provider=self.name)
+            raise UpstreamError(
+                f"{self.name}: /api/chat answered without a message", provider=self.name
+            )
         message = data["message"]
         calls = [
             ToolCall(id=d.id or _call_id(), name=d.name or "", arguments=d.arguments)
@@ -241,7 +253,8 @@ class _StreamState:
             )
         return CompletionChunk(
             finish_reason=_finish(self.done_reason, self.tool_calls > 0),
-            usage=self.usage, model=self.model,
+            usage=self.usage,
+            model=self.model,
         )
 
 
@@ -272,7 +285,7 @@ def _image_data(part: ImagePart) -> str:
     if part.data:
         return part.data
     if part.url and part.url.startswith("data:"):
-        header, _, data = part.url[len("data:"):].partition(",")
+        header, _, data = part.url[len("data:") :].partition(",")
         if header.endswith(";base64") and data:
             return data
     # Fetching a URL on the caller's behalf would let a request make the platform reach
@@ -296,14 +309,17 @@ def _tools(
     if choice not in (None, "auto", "none"):
         # Ollama has no way to force a tool call; pretending it did would mislead the caller.
         raise BadRequestError(
-            "ollama cannot force a tool call: use tool_choice auto or none", provider=provider,
+            "ollama cannot force a tool call: use tool_choice auto or none",
+            provider=provider,
             param="tool_choice",
         )
     if not tools or choice == "none":
         return []
     return [
-        {"type": "function",
-         "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
         for t in tools
     ]
 
@@ -316,10 +332,14 @@ def _tool_deltas(calls: Any, *, start: int) -> list[ToolCallDelta]:
             continue
         arguments = function.get("arguments")
         text = arguments if isinstance(arguments, str) else json.dumps(arguments or {})
-        deltas.append(ToolCallDelta(
-            index=start + len(deltas), id=call.get("id") or _call_id(),
-            name=str(function["name"]), arguments=text,
-        ))
+        deltas.append(
+            ToolCallDelta(
+                index=start + len(deltas),
+                id=call.get("id") or _call_id(),
+                name=str(function["name"]),
+                arguments=text,
+            )
+        )
     return deltas
 
 

@@ -38,6 +38,9 @@ ERROR_TYPES: dict[int, str] = {
 
 DEFAULT_MODELS = ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1")
 
+# An event whose JSON breaks off, as a proxy that cut a frame would leave it.
+_MALFORMED = b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": {\n\n'
+
 
 class InvalidRequest(Exception):
     """A request the real API would reject with 400 invalid_request_error."""
@@ -90,12 +93,14 @@ class AnthropicServer(LoopbackServer):
             {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
             for m in self.models
         ]
-        return Answer.json({
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        })
+        return Answer.json(
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     def _messages(self, request: RecordedRequest) -> Answer:
         body = request.body
@@ -109,18 +114,26 @@ class AnthropicServer(LoopbackServer):
         if reply.is_error:
             message = reply.message or ERROR_TYPES.get(reply.status, "error")
             return _error(
-                reply.status, message, reply.error_type, headers=reply.headers,
+                reply.status,
+                message,
+                reply.error_type,
+                headers=reply.headers,
                 delay_s=reply.delay_s,
             )
         turn = _Turn.of(body, reply, self._next_id())
         if body.get("stream"):
             return Answer(
                 stream=play(
-                    turn.frames(), reply,
-                    malformed=b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {\n\n',
-                    error=_sse("error", error_body(529, reply.message or "Overloaded", reply.error_type)),
+                    turn.frames(),
+                    reply,
+                    malformed=_MALFORMED,
+                    error=_sse(
+                        "error", error_body(529, reply.message or "Overloaded", reply.error_type)
+                    ),
                 ),
-                content_type="text/event-stream", headers=reply.headers, delay_s=reply.delay_s,
+                content_type="text/event-stream",
+                headers=reply.headers,
+                delay_s=reply.delay_s,
             )
         return Answer.json(turn.message(), headers=reply.headers, delay_s=reply.delay_s)
 
@@ -134,30 +147,49 @@ class _Turn:
     """One assistant answer, rendered as a whole message or as the SSE event sequence."""
 
     def __init__(
-        self, *, id: str, model: str, pieces: list[str], tool_calls: Sequence[ScriptedToolCall],
-        stop_reason: str, stop_sequence: str | None, input_tokens: int,
+        self,
+        *,
+        id: str,
+        model: str,
+        pieces: list[str],
+        tool_calls: Sequence[ScriptedToolCall],
+        stop_reason: str,
+        stop_sequence: str | None,
+        input_tokens: int,
     ) -> None:
         self.id, self.model, self.pieces, self.tool_calls = id, model, pieces, tool_calls
         self.stop_reason, self.stop_sequence = stop_reason, stop_sequence
         self.input_tokens = input_tokens
-        self.output_tokens = max(1, len(pieces) + sum(len(json.dumps(c.arguments).split()) for c in tool_calls))
+        self.output_tokens = max(
+            1, len(pieces) + sum(len(json.dumps(c.arguments).split()) for c in tool_calls)
+        )
 
     @classmethod
     def of(cls, body: dict[str, Any], reply: Reply, id: str) -> _Turn:
-        text = reply.text if reply.text is not None else "echo: " + _last_user_text(body["messages"])
+        text = (
+            reply.text if reply.text is not None else "echo: " + _last_user_text(body["messages"])
+        )
         pieces = split_words(text)
         stop_reason = "tool_use" if reply.tool_calls else "end_turn"
         stop_sequence = None
         for stop in body.get("stop_sequences") or []:
             if stop in text:
-                pieces, stop_reason, stop_sequence = split_words(text[: text.index(stop)]), "stop_sequence", stop
+                pieces, stop_reason, stop_sequence = (
+                    split_words(text[: text.index(stop)]),
+                    "stop_sequence",
+                    stop,
+                )
                 break
         if len(pieces) > body["max_tokens"]:
             pieces, stop_reason = pieces[: body["max_tokens"]], "max_tokens"
         tool_calls = reply.tool_calls if stop_reason == "tool_use" else ()
         return cls(
-            id=id, model=body["model"], pieces=pieces, tool_calls=tool_calls,
-            stop_reason=stop_reason, stop_sequence=stop_sequence,
+            id=id,
+            model=body["model"],
+            pieces=pieces,
+            tool_calls=tool_calls,
+            stop_reason=stop_reason,
+            stop_sequence=stop_sequence,
             input_tokens=_count_input_tokens(body),
         )
 
@@ -166,13 +198,19 @@ class _Turn:
         if self.pieces:
             blocks.append({"type": "text", "text": "".join(self.pieces)})
         for call in self.tool_calls:
-            blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments})
+            blocks.append(
+                {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+            )
         return blocks
 
     def message(self) -> dict[str, Any]:
         return {
-            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-            "content": self.content(), "stop_reason": self.stop_reason,
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": self.content(),
+            "stop_reason": self.stop_reason,
             "stop_sequence": self.stop_sequence,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
         }
@@ -186,23 +224,40 @@ class _Turn:
         ]
         index = 0
         if self.pieces:
-            frames += self._block(index, {"type": "text", "text": ""}, [
-                {"type": "text_delta", "text": p} for p in self.pieces
-            ])
+            frames += self._block(
+                index,
+                {"type": "text", "text": ""},
+                [{"type": "text_delta", "text": p} for p in self.pieces],
+            )
             index += 1
         for call in self.tool_calls:
             args = json.dumps(call.arguments)
             cut = len(args) // 2
             frames += self._block(
-                index, {"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
-                [{"type": "input_json_delta", "partial_json": part} for part in (args[:cut], args[cut:])],
+                index,
+                {"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
+                [
+                    {"type": "input_json_delta", "partial_json": part}
+                    for part in (args[:cut], args[cut:])
+                ],
             )
             index += 1
-        frames.append(("tail", _sse("message_delta", {
-            "type": "message_delta",
-            "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
-            "usage": {"output_tokens": self.output_tokens},
-        })))
+        frames.append(
+            (
+                "tail",
+                _sse(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {
+                            "stop_reason": self.stop_reason,
+                            "stop_sequence": self.stop_sequence,
+                        },
+                        "usage": {"output_tokens": self.output_tokens},
+                    },
+                ),
+            )
+        )
         frames.append(("tail", _sse("message_stop", {"type": "message_stop"})))
         return frames
 
@@ -210,14 +265,36 @@ class _Turn:
     def _block(
         index: int, block: dict[str, Any], deltas: list[dict[str, Any]]
     ) -> list[tuple[FrameKind, bytes]]:
-        frames: list[tuple[FrameKind, bytes]] = [("head", _sse("content_block_start", {
-            "type": "content_block_start", "index": index, "content_block": block,
-        }))]
+        frames: list[tuple[FrameKind, bytes]] = [
+            (
+                "head",
+                _sse(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": block,
+                    },
+                ),
+            )
+        ]
         for delta in deltas:
-            frames.append(("content", _sse("content_block_delta", {
-                "type": "content_block_delta", "index": index, "delta": delta,
-            })))
-        frames.append(("head", _sse("content_block_stop", {"type": "content_block_stop", "index": index})))
+            frames.append(
+                (
+                    "content",
+                    _sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": delta,
+                        },
+                    ),
+                )
+            )
+        frames.append(
+            ("head", _sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+        )
         return frames
 
 
@@ -283,7 +360,11 @@ def _validate_messages(messages: Any) -> None:
         if role not in ("user", "assistant"):
             raise InvalidRequest(
                 f"messages.{i}.role: Input should be 'user' or 'assistant'"
-                + ("; use the top-level `system` parameter for system prompts" if role == "system" else "")
+                + (
+                    "; use the top-level `system` parameter for system prompts"
+                    if role == "system"
+                    else ""
+                )
             )
         if previous is not None and previous["role"] == role:
             raise InvalidRequest(
@@ -303,7 +384,8 @@ def _validate_content(i: int, message: dict[str, Any], previous: dict[str, Any] 
     if not isinstance(content, list) or not content:
         raise InvalidRequest(f"messages.{i}: all messages must have non-empty content")
     tool_use_ids = {
-        b["id"] for b in (previous or {}).get("content", [])
+        b["id"]
+        for b in (previous or {}).get("content", [])
         if isinstance(b, dict) and b.get("type") == "tool_use"
     }
     for j, block in enumerate(content):

@@ -66,7 +66,11 @@ class Reply:
 
     @classmethod
     def error(
-        cls, status: int, message: str | None = None, *, error_type: str | None = None,
+        cls,
+        status: int,
+        message: str | None = None,
+        *,
+        error_type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
         return cls(status=status, message=message, error_type=error_type, headers=headers or {})
@@ -104,7 +108,11 @@ class Answer:
 
     @classmethod
     def json(
-        cls, data: object, *, status: int = 200, headers: dict[str, str] | None = None,
+        cls,
+        data: object,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
         delay_s: float = 0.0,
     ) -> Answer:
         return cls(
@@ -239,12 +247,20 @@ class LoopbackServer(ABC):
         sock.bind(("127.0.0.1", 0))
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
-            self._asgi, interface="asgi3", lifespan="off", log_config=None, log_level="critical",
-            access_log=False, loop="asyncio", timeout_graceful_shutdown=1,
+            self._asgi,
+            interface="asgi3",
+            lifespan="off",
+            log_config=None,
+            log_level="critical",
+            access_log=False,
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+            target=server.run,
+            kwargs={"sockets": [sock]},
+            daemon=True,
             name=f"{type(self).__name__}:{self._port}",
         )
         self._server, self._thread = server, thread
@@ -270,7 +286,9 @@ class LoopbackServer(ABC):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()
@@ -280,7 +298,9 @@ class LoopbackServer(ABC):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.stop)
@@ -312,11 +332,13 @@ class LoopbackServer(ABC):
             if answer.delay_s:
                 await asyncio.sleep(answer.delay_s)
             headers = {"content-type": answer.content_type, **answer.headers}
-            await send({
-                "type": "http.response.start",
-                "status": answer.status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": answer.status,
+                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                }
+            )
             if answer.stream is None:
                 finished = True
                 await send({"type": "http.response.body", "body": answer.body})

@@ -1,4 +1,4 @@
-"""A loopback Ollama server: ``/api/chat`` (NDJSON stream or one JSON), ``/api/tags``, ``/api/version``.
+"""A loopback Ollama server: ``/api/chat`` (NDJSON or one JSON), ``/api/tags``, ``/api/version``.
 
 Answers are deterministic: ``echo: <last user text>`` unless a
 :class:`~pacore.testing.loopback.Reply` scripts otherwise, streamed a word per line, with tokens
@@ -44,15 +44,20 @@ def _line(data: dict[str, Any]) -> bytes:
 
 
 class OllamaServer(LoopbackServer):
-    """``api_key`` set makes it demand ``Authorization: Bearer <key>`` (as a proxy in front would)."""
+    """With ``api_key`` set it demands ``Authorization: Bearer <key>``, as a proxy would."""
 
-    def __init__(self, *, models: Sequence[str] = DEFAULT_MODELS, api_key: str | None = None) -> None:
+    def __init__(
+        self, *, models: Sequence[str] = DEFAULT_MODELS, api_key: str | None = None
+    ) -> None:
         super().__init__()
         self.models = list(models)
         self.api_key = api_key
 
     async def handle(self, request: RecordedRequest) -> Answer:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        if (
+            self.api_key is not None
+            and request.headers.get("authorization") != f"Bearer {self.api_key}"
+        ):
             return _error(401, "unauthorized")
         route = (request.method, request.path)
         if route == ("GET", "/api/version"):
@@ -79,18 +84,25 @@ class OllamaServer(LoopbackServer):
         reply = self.next_reply()
         if reply.is_error:
             return _error(
-                reply.status, reply.message or f"upstream error {reply.status}",
-                headers=reply.headers, delay_s=reply.delay_s,
+                reply.status,
+                reply.message or f"upstream error {reply.status}",
+                headers=reply.headers,
+                delay_s=reply.delay_s,
             )
         turn = _Turn.of(body, reply)
         if body.get("stream", True):
             stream = play(
-                turn.frames(), reply,
-                malformed=b'{"model": "' + body["model"].encode() + b'", "message": {"role": "assist\n',
+                turn.frames(),
+                reply,
+                malformed=b'{"model": "'
+                + body["model"].encode()
+                + b'", "message": {"role": "assist\n',
                 error=_line({"error": reply.message or "model runner has unexpectedly stopped"}),
             )
             return Answer(
-                stream=stream, content_type="application/x-ndjson", headers=reply.headers,
+                stream=stream,
+                content_type="application/x-ndjson",
+                headers=reply.headers,
                 delay_s=reply.delay_s,
             )
         return Answer.json(turn.whole(), headers=reply.headers, delay_s=reply.delay_s)
@@ -98,10 +110,17 @@ class OllamaServer(LoopbackServer):
 
 def _tag(name: str) -> dict[str, Any]:
     return {
-        "name": name, "model": name, "modified_at": _CREATED_AT, "size": 2019393189,
+        "name": name,
+        "model": name,
+        "modified_at": _CREATED_AT,
+        "size": 2019393189,
         "digest": "a80c4f17acd5" + "0" * 52,
-        "details": {"format": "gguf", "family": name.split(":")[0], "parameter_size": "3.2B",
-                    "quantization_level": "Q4_K_M"},
+        "details": {
+            "format": "gguf",
+            "family": name.split(":")[0],
+            "parameter_size": "3.2B",
+            "quantization_level": "Q4_K_M",
+        },
     }
 
 
@@ -109,15 +128,21 @@ class _Turn:
     """One answer, rendered as the whole JSON object or as NDJSON lines."""
 
     def __init__(
-        self, model: str, pieces: list[str], tool_calls: Sequence[ScriptedToolCall],
-        done_reason: str, prompt_tokens: int,
+        self,
+        model: str,
+        pieces: list[str],
+        tool_calls: Sequence[ScriptedToolCall],
+        done_reason: str,
+        prompt_tokens: int,
     ) -> None:
         self.model, self.pieces, self.tool_calls = model, pieces, tool_calls
         self.done_reason, self.prompt_tokens = done_reason, prompt_tokens
 
     @classmethod
     def of(cls, body: dict[str, Any], reply: Reply) -> _Turn:
-        text = reply.text if reply.text is not None else "echo: " + _last_user_text(body["messages"])
+        text = (
+            reply.text if reply.text is not None else "echo: " + _last_user_text(body["messages"])
+        )
         pieces, done_reason = split_words(text), "stop"
         options = body.get("options") or {}
         for stop in options.get("stop") or []:
@@ -137,21 +162,29 @@ class _Turn:
 
     def _stats(self) -> dict[str, Any]:
         return {
-            "done": True, "done_reason": self.done_reason, "total_duration": 1_000_000,
-            "load_duration": 1000, "prompt_eval_count": self.prompt_tokens,
-            "prompt_eval_duration": 1000, "eval_count": len(self.pieces) + len(self.tool_calls),
+            "done": True,
+            "done_reason": self.done_reason,
+            "total_duration": 1_000_000,
+            "load_duration": 1000,
+            "prompt_eval_count": self.prompt_tokens,
+            "prompt_eval_duration": 1000,
+            "eval_count": len(self.pieces) + len(self.tool_calls),
             "eval_duration": 1000,
         }
 
     def whole(self) -> dict[str, Any]:
         return {
-            "model": self.model, "created_at": _CREATED_AT,
-            "message": self._message("".join(self.pieces), with_tools=True), **self._stats(),
+            "model": self.model,
+            "created_at": _CREATED_AT,
+            "message": self._message("".join(self.pieces), with_tools=True),
+            **self._stats(),
         }
 
     def frames(self) -> list[tuple[FrameKind, bytes]]:
         def line(message: dict[str, Any], **more: Any) -> bytes:
-            return _line({"model": self.model, "created_at": _CREATED_AT, "message": message, **more})
+            return _line(
+                {"model": self.model, "created_at": _CREATED_AT, "message": message, **more}
+            )
 
         frames: list[tuple[FrameKind, bytes]] = [
             ("content", line(self._message(piece, with_tools=False), done=False))
@@ -165,7 +198,9 @@ class _Turn:
 
 
 def _wire_call(index: int, call: ScriptedToolCall) -> dict[str, Any]:
-    wire: dict[str, Any] = {"function": {"index": index, "name": call.name, "arguments": call.arguments}}
+    wire: dict[str, Any] = {
+        "function": {"index": index, "name": call.name, "arguments": call.arguments}
+    }
     if call.id:
         wire["id"] = call.id
     return wire
@@ -190,14 +225,23 @@ def _validate(body: Any) -> None:
         _validate_message(message)
     for tool in body.get("tools") or []:
         function = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
+        if (
+            tool.get("type") != "function"
+            or not isinstance(function, dict)
+            or not function.get("name")
+        ):
             raise InvalidRequest("tools must be {type: function, function: {name, parameters}}")
     if not isinstance(body.get("options", {}), dict):
         raise InvalidRequest("options must be an object")
 
 
 def _validate_message(message: Any) -> None:
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+    if not isinstance(message, dict) or message.get("role") not in (
+        "system",
+        "user",
+        "assistant",
+        "tool",
+    ):
         raise InvalidRequest("each message needs a role of system, user, assistant or tool")
     if not isinstance(message.get("content", ""), str):
         raise InvalidRequest("message content must be a string")

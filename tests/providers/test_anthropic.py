@@ -22,7 +22,7 @@ from pacore.providers.anthropic import AnthropicProvider
 from pacore.providers.base import ProviderConfig
 from pacore.providers.registry import provider_class
 from pacore.testing.anthropic_server import AnthropicServer
-from pacore.testing.loopback import Reply
+from pacore.testing.loopback import Reply, StreamFault
 from pacore.types import (
     CompletionChunk,
     CompletionRequest,
@@ -50,8 +50,13 @@ def server(running_server: AnthropicServer) -> AnthropicServer:
 
 def make_provider(base_url: str, **overrides: object) -> AnthropicProvider:
     fields: dict[str, object] = {
-        "kind": "anthropic", "name": "claude", "api_key": "test-key", "base_url": base_url,
-        "default_model": MODEL, "max_retries": 2, "timeout_s": 10.0,
+        "kind": "anthropic",
+        "name": "claude",
+        "api_key": "test-key",
+        "base_url": base_url,
+        "default_model": MODEL,
+        "max_retries": 2,
+        "timeout_s": 10.0,
         "options": {"retry_base_delay_s": 0.01},
     }
     fields.update(overrides)
@@ -94,7 +99,9 @@ async def test_complete_returns_the_answer_with_usage(
     assert result.usage.total_tokens == 7
     (body,) = sent(server)
     assert body["model"] == MODEL and body["max_tokens"] == 4096
-    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello there world"}]}]
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hello there world"}]}
+    ]
     assert "stream" not in body
 
 
@@ -139,8 +146,14 @@ async def test_max_tokens_from_options_and_finish_length(server: AnthropicServer
 async def test_sampling_options_are_mapped(
     server: AnthropicServer, provider: AnthropicProvider
 ) -> None:
-    request = ask("say stop here", temperature=0.5, top_p=0.9, stop=["here"], max_tokens=50,
-                  extra={"top_k": 5})
+    request = ask(
+        "say stop here",
+        temperature=0.5,
+        top_p=0.9,
+        stop=["here"],
+        max_tokens=50,
+        extra={"top_k": 5},
+    )
     result = await provider.complete(request)
 
     body = sent(server)[0]
@@ -164,15 +177,17 @@ async def test_temperature_above_one_is_refused_before_any_call(
 async def test_system_messages_become_the_system_parameter_and_turns_merge(
     server: AnthropicServer, provider: AnthropicProvider
 ) -> None:
-    request = CompletionRequest(messages=[
-        Message(role="system", content="Be brief."),
-        Message(role="user", content="first"),
-        Message(role="user", content="second"),
-        Message(role="system", content="Relevant memory: the user likes tea."),
-        Message(role="assistant", content="noted"),
-        Message(role="assistant", content="anything else?"),
-        Message(role="user", content="last"),
-    ])
+    request = CompletionRequest(
+        messages=[
+            Message(role="system", content="Be brief."),
+            Message(role="user", content="first"),
+            Message(role="user", content="second"),
+            Message(role="system", content="Relevant memory: the user likes tea."),
+            Message(role="assistant", content="noted"),
+            Message(role="assistant", content="anything else?"),
+            Message(role="user", content="last"),
+        ]
+    )
     result = await provider.complete(request)
 
     body = sent(server)[0]
@@ -186,12 +201,19 @@ async def test_system_messages_become_the_system_parameter_and_turns_merge(
 async def test_images_become_base64_and_url_sources(
     server: AnthropicServer, provider: AnthropicProvider
 ) -> None:
-    request = CompletionRequest(messages=[Message(role="user", content=[
-        TextPart(text="what is in these?"),
-        ImagePart(data="iVBORw0KGgo=", media_type="image/png"),
-        ImagePart(url="data:image/jpeg;base64,/9j/4AAQ"),
-        ImagePart(url="https://example.com/cat.png"),
-    ])])
+    request = CompletionRequest(
+        messages=[
+            Message(
+                role="user",
+                content=[
+                    TextPart(text="what is in these?"),
+                    ImagePart(data="iVBORw0KGgo=", media_type="image/png"),
+                    ImagePart(url="data:image/jpeg;base64,/9j/4AAQ"),
+                    ImagePart(url="https://example.com/cat.png"),
+                ],
+            )
+        ]
+    )
     await provider.complete(request)
 
     blocks = sent(server)[0]["messages"][0]["content"]
@@ -212,7 +234,8 @@ async def test_image_data_without_media_type_is_a_bad_request(
 
 
 WEATHER = ToolDefinition(
-    name="get_weather", description="Weather for a city",
+    name="get_weather",
+    description="Weather for a city",
     parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 )
 
@@ -223,9 +246,13 @@ async def test_tools_a_prior_tool_call_and_its_result_are_translated(
     request = CompletionRequest(
         messages=[
             Message(role="user", content="weather in Paris?"),
-            Message(role="assistant", content="Let me look.", tool_calls=[
-                ToolCall(id="toolu_01", name="get_weather", arguments='{"city": "Paris"}'),
-            ]),
+            Message(
+                role="assistant",
+                content="Let me look.",
+                tool_calls=[
+                    ToolCall(id="toolu_01", name="get_weather", arguments='{"city": "Paris"}'),
+                ],
+            ),
             Message(role="tool", tool_call_id="toolu_01", content="18C and sunny"),
             Message(role="user", content="and tomorrow?"),
         ],
@@ -235,10 +262,13 @@ async def test_tools_a_prior_tool_call_and_its_result_are_translated(
     await provider.complete(request)
 
     body = sent(server)[0]
-    assert body["tools"] == [{
-        "name": "get_weather", "description": "Weather for a city",
-        "input_schema": WEATHER.parameters,
-    }]
+    assert body["tools"] == [
+        {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "input_schema": WEATHER.parameters,
+        }
+    ]
     assert body["tool_choice"] == {"type": "tool", "name": "get_weather"}
     assistant, user = body["messages"][1], body["messages"][2]
     assert assistant["content"] == [
@@ -281,7 +311,11 @@ async def test_a_tool_use_answer_becomes_a_tool_call(
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls is not None
     (call,) = result.tool_calls
-    assert (call.id, call.name, json.loads(call.arguments)) == ("toolu_9", "get_weather", {"city": "Paris"})
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "toolu_9",
+        "get_weather",
+        {"city": "Paris"},
+    )
 
 
 async def test_a_streamed_tool_use_becomes_tool_call_deltas(
@@ -334,8 +368,11 @@ async def test_429_with_retry_after_is_retried_then_succeeds(
 )
 @pytest.mark.parametrize("streaming", [False, True])
 async def test_server_errors_are_retried_then_normalised(
-    server: AnthropicServer, provider: AnthropicProvider, status: int,
-    expected: type[PACoreError], streaming: bool,
+    server: AnthropicServer,
+    provider: AnthropicProvider,
+    status: int,
+    expected: type[PACoreError],
+    streaming: bool,
 ) -> None:
     server.queue(*[Reply.error(status) for _ in range(3)])
     with pytest.raises(expected) as info:
@@ -367,9 +404,9 @@ async def test_a_prompt_too_long_is_a_context_length_error(
 
 @pytest.mark.parametrize("fault", ["malformed", "truncate", "drop"])
 async def test_a_broken_stream_ends_in_a_clean_upstream_error(
-    server: AnthropicServer, provider: AnthropicProvider, fault: str
+    server: AnthropicServer, provider: AnthropicProvider, fault: StreamFault
 ) -> None:
-    server.queue(Reply(fault=fault, fault_after=2))  # type: ignore[arg-type]
+    server.queue(Reply(fault=fault, fault_after=2))
     received: list[CompletionChunk] = []
     with pytest.raises(UpstreamError):
         async for chunk in provider.stream(ask("one two three four")):

@@ -20,7 +20,7 @@ from pacore.errors import TimeoutError as PACoreTimeoutError
 from pacore.providers.base import ProviderConfig
 from pacore.providers.ollama import OllamaProvider
 from pacore.providers.registry import provider_class
-from pacore.testing.loopback import Reply
+from pacore.testing.loopback import Reply, StreamFault
 from pacore.testing.ollama_server import OllamaServer
 from pacore.types import (
     CompletionChunk,
@@ -49,8 +49,13 @@ def server(running_server: OllamaServer) -> OllamaServer:
 
 def make_provider(base_url: str, **overrides: object) -> OllamaProvider:
     fields: dict[str, object] = {
-        "kind": "ollama", "name": "local", "base_url": base_url, "default_model": MODEL,
-        "max_retries": 2, "timeout_s": 10.0, "options": {"retry_base_delay_s": 0.01},
+        "kind": "ollama",
+        "name": "local",
+        "base_url": base_url,
+        "default_model": MODEL,
+        "max_retries": 2,
+        "timeout_s": 10.0,
+        "options": {"retry_base_delay_s": 0.01},
     }
     fields.update(overrides)
     provider = provider_class("ollama")(ProviderConfig.model_validate(fields))
@@ -90,7 +95,8 @@ async def test_complete_returns_the_answer_with_usage(
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (3, 4)
     (body,) = chats(server)
     assert body == {
-        "model": MODEL, "stream": False,
+        "model": MODEL,
+        "stream": False,
         "messages": [{"role": "user", "content": "hello there world"}],
     }
 
@@ -108,13 +114,23 @@ async def test_stream_yields_chunks_in_order_and_usage_last(
 
 
 async def test_options_are_mapped(server: OllamaServer, provider: OllamaProvider) -> None:
-    request = ask("a b c d e", temperature=0.3, top_p=0.8, max_tokens=3, stop=["###"],
-                  extra={"num_ctx": 8192, "keep_alive": "5m"})
+    request = ask(
+        "a b c d e",
+        temperature=0.3,
+        top_p=0.8,
+        max_tokens=3,
+        stop=["###"],
+        extra={"num_ctx": 8192, "keep_alive": "5m"},
+    )
     result = await provider.complete(request)
 
     body = chats(server)[0]
     assert body["options"] == {
-        "temperature": 0.3, "top_p": 0.8, "num_predict": 3, "stop": ["###"], "num_ctx": 8192,
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "num_predict": 3,
+        "stop": ["###"],
+        "num_ctx": 8192,
     }
     assert body["keep_alive"] == "5m"
     assert result.content == "echo: a b" and result.finish_reason == "length"
@@ -123,12 +139,14 @@ async def test_options_are_mapped(server: OllamaServer, provider: OllamaProvider
 async def test_system_prompt_and_conversation_are_sent_in_order(
     server: OllamaServer, provider: OllamaProvider
 ) -> None:
-    request = CompletionRequest(messages=[
-        Message(role="system", content="Be brief."),
-        Message(role="user", content="hi"),
-        Message(role="assistant", content="hello"),
-        Message(role="user", content="how are you"),
-    ])
+    request = CompletionRequest(
+        messages=[
+            Message(role="system", content="Be brief."),
+            Message(role="user", content="hi"),
+            Message(role="assistant", content="hello"),
+            Message(role="user", content="how are you"),
+        ]
+    )
     result = await provider.complete(request)
 
     assert chats(server)[0]["messages"] == [
@@ -143,11 +161,18 @@ async def test_system_prompt_and_conversation_are_sent_in_order(
 async def test_images_are_sent_as_a_base64_list(
     server: OllamaServer, provider: OllamaProvider
 ) -> None:
-    request = CompletionRequest(messages=[Message(role="user", content=[
-        TextPart(text="describe"),
-        ImagePart(data="iVBORw0KGgo=", media_type="image/png"),
-        ImagePart(url="data:image/jpeg;base64,/9j/4AAQ"),
-    ])])
+    request = CompletionRequest(
+        messages=[
+            Message(
+                role="user",
+                content=[
+                    TextPart(text="describe"),
+                    ImagePart(data="iVBORw0KGgo=", media_type="image/png"),
+                    ImagePart(url="data:image/jpeg;base64,/9j/4AAQ"),
+                ],
+            )
+        ]
+    )
     await provider.complete(request)
 
     assert chats(server)[0]["messages"] == [
@@ -155,10 +180,14 @@ async def test_images_are_sent_as_a_base64_list(
     ]
 
 
-async def test_an_image_url_is_a_bad_request(server: OllamaServer, provider: OllamaProvider) -> None:
-    request = CompletionRequest(messages=[
-        Message(role="user", content=[ImagePart(url="https://example.com/cat.png")]),
-    ])
+async def test_an_image_url_is_a_bad_request(
+    server: OllamaServer, provider: OllamaProvider
+) -> None:
+    request = CompletionRequest(
+        messages=[
+            Message(role="user", content=[ImagePart(url="https://example.com/cat.png")]),
+        ]
+    )
     with pytest.raises(BadRequestError):
         await provider.complete(request)
     assert server.requests == []
@@ -167,7 +196,8 @@ async def test_an_image_url_is_a_bad_request(server: OllamaServer, provider: Oll
 # --- tools ------------------------------------------------------------------------------------
 
 WEATHER = ToolDefinition(
-    name="get_weather", description="Weather for a city",
+    name="get_weather",
+    description="Weather for a city",
     parameters={"type": "object", "properties": {"city": {"type": "string"}}},
 )
 
@@ -178,9 +208,12 @@ async def test_tools_a_prior_tool_call_and_its_result_are_translated(
     request = CompletionRequest(
         messages=[
             Message(role="user", content="weather in Paris?"),
-            Message(role="assistant", tool_calls=[
-                ToolCall(id="call_7", name="get_weather", arguments='{"city": "Paris"}'),
-            ]),
+            Message(
+                role="assistant",
+                tool_calls=[
+                    ToolCall(id="call_7", name="get_weather", arguments='{"city": "Paris"}'),
+                ],
+            ),
             Message(role="tool", tool_call_id="call_7", content="18C and sunny"),
         ],
         tools=[WEATHER],
@@ -189,12 +222,22 @@ async def test_tools_a_prior_tool_call_and_its_result_are_translated(
     await provider.complete(request)
 
     body = chats(server)[0]
-    assert body["tools"] == [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city", "parameters": WEATHER.parameters,
-    }}]
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": WEATHER.parameters,
+            },
+        }
+    ]
     assert body["messages"][1:] == [
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "18C and sunny", "tool_name": "get_weather"},
     ]
 
@@ -218,7 +261,11 @@ async def test_a_tool_call_answer_becomes_a_tool_call(
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls is not None
     (call,) = result.tool_calls
-    assert (call.id, call.name, json.loads(call.arguments)) == ("call_9", "get_weather", {"city": "Paris"})
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "call_9",
+        "get_weather",
+        {"city": "Paris"},
+    )
 
 
 async def test_a_streamed_tool_call_becomes_deltas_with_generated_ids(
@@ -249,7 +296,7 @@ async def test_an_unknown_model_is_not_found_and_not_retried(
 
 
 async def test_a_bad_key_at_a_proxy_is_an_authentication_error() -> None:
-    with OllamaServer(api_key="proxy-key") as server:
+    async with OllamaServer(api_key="proxy-key") as server:
         provider = make_provider(server.url, api_key="wrong")
         good = make_provider(server.url, api_key="proxy-key")
         try:
@@ -276,10 +323,15 @@ async def test_429_with_retry_after_is_retried_then_succeeds(
     assert len(chats(server)) == 2
 
 
-@pytest.mark.parametrize(("status", "expected"), [(500, UpstreamError), (503, UpstreamUnavailableError)])
+@pytest.mark.parametrize(
+    ("status", "expected"), [(500, UpstreamError), (503, UpstreamUnavailableError)]
+)
 @pytest.mark.parametrize("streaming", [False, True])
 async def test_server_errors_are_retried_then_normalised(
-    server: OllamaServer, provider: OllamaProvider, status: int, expected: type[PACoreError],
+    server: OllamaServer,
+    provider: OllamaProvider,
+    status: int,
+    expected: type[PACoreError],
     streaming: bool,
 ) -> None:
     server.queue(*[Reply.error(status, "server busy") for _ in range(3)])
@@ -295,9 +347,9 @@ async def test_server_errors_are_retried_then_normalised(
 
 @pytest.mark.parametrize("fault", ["malformed", "truncate", "drop", "error"])
 async def test_a_broken_stream_ends_in_a_clean_upstream_error(
-    server: OllamaServer, provider: OllamaProvider, fault: str
+    server: OllamaServer, provider: OllamaProvider, fault: StreamFault
 ) -> None:
-    server.queue(Reply(fault=fault, fault_after=2))  # type: ignore[arg-type]
+    server.queue(Reply(fault=fault, fault_after=2))
     received: list[CompletionChunk] = []
     with pytest.raises(UpstreamError):
         async for chunk in provider.stream(ask("one two three")):
