@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -15,7 +15,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "get_settings"]
+from pacore.providers.base import ProviderConfig
+
+__all__ = [
+    "DeploymentOverride",
+    "PlatformArgs",
+    "Settings",
+    "SharedProvider",
+    "get_settings",
+]
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "test"}
 
@@ -62,6 +70,11 @@ class Settings(BaseSettings):
     embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
     embedding_batch_size: int = Field(default=64, ge=1)
     embedding_batch_wait_s: float = Field(default=0.005, ge=0)
+    hf_offline: bool = Field(
+        default=False,
+        description="self-hosted models load only from local directories or the Hugging Face "
+        "cache (local_files_only, as HF_HUB_OFFLINE=1 does); nothing is downloaded",
+    )
     memory_top_k: int = Field(default=5, ge=0, le=50, description="context messages injected")
     memory_token_budget: int = Field(default=1000, ge=0, description="tokens of injected context")
     memory_min_score: float = Field(default=0.3, ge=-1, le=1)
@@ -127,3 +140,87 @@ class Settings(BaseSettings):
 
 def get_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
+
+
+class DeploymentOverride(BaseModel):
+    """Per-deployment Serve options that replace the deployment's own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="min_replicas, max_replicas, target_ongoing_requests, …"
+    )
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    ray_actor_options: dict[str, Any] | None = Field(
+        default=None, description="num_cpus, num_gpus, memory, resources, …"
+    )
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+
+    def apply(self, options: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(options)
+        for key, value in self.model_dump(exclude_none=True).items():
+            if key == "ray_actor_options":
+                merged[key] = {**options.get(key, {}), **value}
+            else:
+                merged[key] = value
+        if "num_replicas" in self.model_fields_set:
+            merged.pop("autoscaling_config", None)
+        elif "autoscaling_config" in self.model_fields_set:
+            merged.pop("num_replicas", None)
+        return merged
+
+
+class SharedProvider(BaseModel):
+    """A provider the platform offers every user (its key from the environment, never a file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["anthropic", "openai", "custom", "ollama"]
+    api_key_env: str | None = Field(
+        default=None, description="name of the environment variable that holds the key"
+    )
+    base_url: str | None = None
+    default_model: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def config(self) -> ProviderConfig:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return ProviderConfig(
+            kind=self.kind, name=self.name, api_key=SecretStr(key) if key else None,
+            base_url=self.base_url, default_model=self.default_model, options=self.options,
+        )
+
+
+class PlatformArgs(BaseModel):
+    """The arguments of ``deployments.app:build_app``: what `serve run`, `serve deploy` and a
+    KubeRay RayService pass as ``args``. Settings given here override the environment's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Settings fields (same names as PACORE_* without prefix)"
+    )
+    provider_kinds: list[Literal["anthropic", "openai", "custom", "ollama"]] = Field(
+        default_factory=lambda: ["anthropic", "openai", "custom", "ollama"],
+        description="provider kinds that get a deployment",
+    )
+    shared_providers: list[SharedProvider] = Field(default_factory=list)
+    self_hosted: list[dict[str, Any]] = Field(
+        default_factory=list, description="self-hosted models (vLLM on GPUs, or the CPU engine)"
+    )
+    memory: bool = Field(default=True, description="deploy the Embedder and Memory")
+    agents: bool = Field(default=True, description="deploy the AgentHub for on-prem agents")
+    deployments: dict[str, DeploymentOverride] = Field(
+        default_factory=dict,
+        description="overrides keyed by deployment name: Gateway, Router, Embedder, Memory, "
+        "AgentHub, Provider-<kind>, or a self-hosted model's name",
+    )
+
+    def build_settings(self) -> Settings:
+        return Settings(**self.settings)
+
+    def options_for(self, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+        override = self.deployments.get(name)
+        return override.apply(defaults) if override else dict(defaults)

@@ -159,7 +159,7 @@ class Orchestrator:
     async def run(self, user_id: str, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
         started = time.perf_counter()
         new_conversation = turn.conversation_id is None
-        conversation_id = turn.conversation_id or uuid.uuid4().hex
+        conversation_id = turn.conversation_id or str(uuid.uuid4())
         ctx_task = asyncio.ensure_future(self._routing.routing_context(user_id))
         try:
             vector, context = await self._memory_context(user_id, turn)

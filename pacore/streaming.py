@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from pacore.types import CompletionChunk
 
 __all__ = ["coalesce", "merge_chunks"]
+
+T = TypeVar("T")
 
 _DONE = object()
 
@@ -30,49 +33,47 @@ def merge_chunks(chunks: list[CompletionChunk]) -> CompletionChunk:
     )
 
 
-async def coalesce(
-    source: AsyncIterator[CompletionChunk], *, max_items: int = 256
-) -> AsyncIterator[CompletionChunk]:
-    """Yield ``source``'s chunks, merging those that arrived while the consumer was busy.
+async def coalesce(source: AsyncIterator[T], *, max_items: int = 256) -> AsyncIterator[T]:
+    """Yield ``source``'s items, merging runs of chunks that arrived while the consumer was busy.
 
-    A reader task pulls from ``source`` into a queue; each yield takes everything queued. The
-    first chunk is never held back waiting for company. Closing this generator cancels the
-    reader and closes ``source``.
+    A reader task pulls from ``source`` into a queue; each yield takes every chunk queued. Items
+    that are not chunks (meta events) pass through unmerged and in order. The first chunk is
+    never held back waiting for company. Closing this generator cancels the reader and closes
+    ``source``.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
     async def reader() -> None:
         try:
-            async for chunk in source:
-                queue.put_nowait(chunk)
+            async for item in source:
+                queue.put_nowait(item)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer side
-            queue.put_nowait(exc)
+            queue.put_nowait(_Failure(exc))
         finally:
             queue.put_nowait(_DONE)
 
     task = asyncio.create_task(reader())
     try:
+        item: object = await queue.get()
         while True:
-            item = await queue.get()
-            batch: list[CompletionChunk] = []
-            pending: object = None
-            while True:
-                if item is _DONE or isinstance(item, BaseException):
-                    pending = item
-                    break
-                assert isinstance(item, CompletionChunk)
-                batch.append(item)
-                if len(batch) >= max_items or queue.empty():
+            run: list[CompletionChunk] = []
+            while isinstance(item, CompletionChunk):
+                run.append(item)
+                if len(run) >= max_items or queue.empty():
+                    item = None
                     break
                 item = queue.get_nowait()
-            if batch:
-                yield merge_chunks(batch)
-            if pending is _DONE:
+            if run:
+                yield merge_chunks(run)  # type: ignore[misc]
+            if item is None:
+                item = await queue.get()
+                continue
+            if item is _DONE:
                 return
-            if isinstance(pending, asyncio.CancelledError):
-                raise pending
-            if isinstance(pending, BaseException):
-                raise pending
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item  # type: ignore[misc]
+            item = await queue.get()
     finally:
         if not task.done():
             task.cancel()
@@ -86,3 +87,10 @@ async def coalesce(
                 await aclose()
             except Exception:  # noqa: BLE001 - closing must not mask the outcome
                 pass
+
+
+class _Failure:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc

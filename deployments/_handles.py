@@ -1,0 +1,52 @@
+"""Calling other deployments: errors unwrapped to the platform's own, streams cancelled on close."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from pacore.errors import PACoreError, UpstreamUnavailableError
+
+__all__ = ["call", "stream"]
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The platform error a replica raised, rather than Ray's wrapper around it."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
+    if isinstance(cause, PACoreError):
+        return cause
+    if isinstance(exc, PACoreError):
+        return exc
+    if isinstance(exc, RayTaskError):
+        return UpstreamUnavailableError("a platform component failed; try again")
+    return exc
+
+
+async def call(handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return await getattr(handle, method).remote(*args, **kwargs)
+    except (RayTaskError, PACoreError) as exc:
+        raise _unwrap(exc) from None
+
+
+async def stream(
+    handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any
+) -> AsyncIterator[Any]:
+    """Iterate a streaming method; closing the iterator early cancels the remote generator."""
+    gen: DeploymentResponseGenerator = getattr(
+        handle.options(stream=True), method
+    ).remote(*args, **kwargs)
+    finished = False
+    try:
+        async for item in gen:
+            yield item
+        finished = True
+    except (RayTaskError, PACoreError) as exc:
+        finished = True
+        raise _unwrap(exc) from None
+    finally:
+        if not finished:
+            gen.cancel()

@@ -1,0 +1,67 @@
+"""The provider deployment: one per provider kind, holding the built providers of every user."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pacore.providers.base import ProviderConfig
+from pacore.providers.registry import ProviderCache
+from pacore.streaming import coalesce
+from pacore.types import (
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResult,
+    ModelInfo,
+    ProviderHealth,
+)
+
+__all__ = ["ProviderDeployment"]
+
+
+class ProviderDeployment:
+    """Serves one provider kind. The Router sends each request with the user's configuration
+    (the key decrypted in memory for this request only); built SDK clients are cached per
+    (user, configuration) so connections are reused."""
+
+    DEFAULT_OPTIONS: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 0.1},
+        "max_ongoing_requests": 256,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": 64,
+        },
+        "graceful_shutdown_timeout_s": 120,
+        "health_check_period_s": 10,
+    }
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._cache = ProviderCache()
+
+    def _provider(self, user_id: str, config: ProviderConfig):  # type: ignore[no-untyped-def]
+        return self._cache.get(user_id, config)
+
+    async def stream(
+        self, user_id: str, config: ProviderConfig, request: CompletionRequest
+    ) -> AsyncIterator[CompletionChunk]:
+        async for chunk in coalesce(self._provider(user_id, config).stream(request)):
+            yield chunk
+
+    async def complete(
+        self, user_id: str, config: ProviderConfig, request: CompletionRequest
+    ) -> CompletionResult:
+        return await self._provider(user_id, config).complete(request)
+
+    async def health(self, user_id: str, config: ProviderConfig) -> ProviderHealth:
+        return await self._provider(user_id, config).health_check()
+
+    async def models(self, user_id: str, config: ProviderConfig) -> list[ModelInfo]:
+        return await self._provider(user_id, config).list_models()
+
+    async def forget(self, user_id: str, name: str) -> None:
+        self._cache.forget(user_id, name)
+
+    async def __del__(self) -> None:
+        await self._cache.aclose()

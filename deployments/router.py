@@ -1,0 +1,265 @@
+"""The Router deployment: runs the orchestrator against the graph's other deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments import _handles
+from pacore.config import PlatformArgs, Settings
+from pacore.errors import NotFoundError
+from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
+from pacore.providers.base import ProviderConfig
+from pacore.routing import EXEMPLARS, QueryClassifier, RoutingContext, Target
+from pacore.services import Services
+from pacore.streaming import coalesce
+from pacore.types import CompletionChunk, CompletionRequest, Message, ModelInfo, Usage
+
+__all__ = ["RouterDeployment"]
+
+logger = logging.getLogger("pacore.router")
+
+SELF_HOSTED_KINDS = ("vllm", "cpu")
+
+
+class _HandleMemory:
+    """MemoryClient over the Embedder and Memory deployments."""
+
+    def __init__(self, memory: DeploymentHandle, embedder: DeploymentHandle) -> None:
+        self._memory = memory
+        self._embedder = embedder
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    async def embed_query(self, text: str) -> list[float]:
+        vectors = await _handles.call(self._embedder, "embed", [text])
+        return list(vectors[0])
+
+    async def context_for(
+        self, user_id: str, vector: list[float], messages: list[Message], conversation_id: str | None
+    ) -> ContextResult:
+        text, refs = await _handles.call(
+            self._memory, "context_for_vector", user_id, vector, messages, conversation_id
+        )
+        return ContextResult(text, refs)
+
+    async def check_conversation(self, user_id: str, conversation_id: str) -> None:
+        await _handles.call(self._memory, "check_conversation", user_id, conversation_id)
+
+    def store_turn(
+        self, user_id: str, conversation_id: str, messages: list[Message], *, provider: str,
+        model: str, usage: Usage, latency_ms: float, tags: list[str] | None, new: bool,
+    ) -> None:
+        task = asyncio.ensure_future(
+            _handles.call(
+                self._memory, "store_turn", user_id, conversation_id, messages,
+                provider=provider, model=model, usage=usage, latency_ms=latency_ms, tags=tags,
+                new=new,
+            )
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("storing a turn failed: %s", type(task.exception()).__name__)
+
+
+class RouterDeployment:
+    """Stateless orchestrator replica; scales with request concurrency."""
+
+    DEFAULT_OPTIONS: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 0.1},
+        "max_ongoing_requests": 256,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": 64,
+        },
+        "graceful_shutdown_timeout_s": 120,
+    }
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        providers: dict[str, DeploymentHandle],
+        memory: DeploymentHandle | None,
+        embedder: DeploymentHandle | None,
+        agent_hub: DeploymentHandle | None = None,
+        self_hosted: dict[str, DeploymentHandle] | None = None,
+    ) -> None:
+        self.args = PlatformArgs.model_validate(args)
+        self.settings: Settings = self.args.build_settings()
+        self.services = Services.for_settings(self.settings)
+        self._providers = providers
+        self._hub = agent_hub
+        self._self_hosted = self_hosted or {}
+        self._embedder = embedder
+        mem = _HandleMemory(memory, embedder) if memory is not None and embedder is not None else None
+        self.orchestrator = Orchestrator(
+            routing=self, providers=self, memory=mem, usage=self,
+        )
+        self._classifier_ready = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        if embedder is not None:
+            self._spawn(self._load_classifier())
+
+    # ------------------------------------------------------------------ public methods
+
+    async def run(self, user_id: str, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """The turn's events; chunks that are ready together are merged into one."""
+        async for event in coalesce(self.orchestrator.run(user_id, turn)):
+            yield event
+
+    async def ping(self) -> None:
+        """Readiness: answering at all is the check."""
+
+    async def models(self, user_id: str) -> list[ModelInfo]:
+        ctx = await self.routing_context(user_id)
+        out: list[ModelInfo] = []
+        for target in ctx.targets.values():
+            models = await self._target_models(user_id, target)
+            out.extend(ModelInfo(id=f"{target.provider}/{m}", provider=target.provider) for m in models)
+        return out
+
+    async def test_provider(self, user_id: str, name: str) -> dict[str, Any]:
+        config = await self._config(user_id, name)
+        health = await _handles.call(self._providers[config.kind], "health", user_id, config)
+        return health.model_dump()
+
+    async def forget_provider(self, user_id: str, name: str, kind: str) -> None:
+        handle = self._providers.get(kind)
+        if handle is not None:
+            await _handles.call(handle, "forget", user_id, name)
+
+    # ------------------------------------------------------------------ RoutingSource
+
+    async def routing_context(self, user_id: str) -> RoutingContext:
+        stores = self.services.stores
+        settings, providers = await asyncio.gather(
+            stores.settings.get(user_id), stores.providers.list(user_id)
+        )
+        targets: dict[str, Target] = {}
+        for shared in self.args.shared_providers:
+            targets[shared.name] = Target(shared.name, shared.kind, shared.default_model)
+        for model in self.args.self_hosted:
+            targets.setdefault(model.engine, Target(model.engine, model.engine, model.name, on_prem=True))
+        for p in providers:
+            if p.configured:
+                targets[p.name] = Target(
+                    p.name, p.kind, p.default_model, region=(p.options or {}).get("region")
+                )
+        for agent_id, models in await self._agents(user_id):
+            name = f"agent:{agent_id}"
+            targets[name] = Target(name, "agent", models[0] if models else None, on_prem=True)
+        return RoutingContext(
+            targets=targets,
+            default_provider=settings.default_provider,
+            data_residency=settings.data_residency,
+            routing=settings.routing.model_dump() if hasattr(settings.routing, "model_dump")
+            else dict(settings.routing),
+            fallbacks=list(settings.fallbacks),
+        )
+
+    # ------------------------------------------------------------------ ProviderClient
+
+    async def stream(
+        self, user_id: str, target: Target, request: CompletionRequest
+    ) -> AsyncIterator[CompletionChunk]:
+        if target.is_agent:
+            if self._hub is None:
+                raise NotFoundError(f"provider '{target.provider}' is not configured")
+            async for chunk in _handles.stream(
+                self._hub, "stream", user_id, target.agent_id, request
+            ):
+                yield chunk
+            return
+        if target.kind in SELF_HOSTED_KINDS:
+            model = request.model or target.model or ""
+            handle = self._self_hosted.get(model)
+            if handle is None:
+                raise NotFoundError(f"model '{model}' is not served here", param="model")
+            async for chunk in _handles.stream(handle, "stream", request):
+                yield chunk
+            return
+        config = await self._config(user_id, target.provider)
+        async for chunk in _handles.stream(
+            self._providers[config.kind], "stream", user_id, config, request
+        ):
+            yield chunk
+
+    # ------------------------------------------------------------------ UsageSink
+
+    def record(
+        self, user_id: str, provider: str, model: str, usage: Usage, latency_ms: float, status: str
+    ) -> None:
+        self._spawn(
+            self.services.stores.usage.record(
+                user_id, provider, model, usage.prompt_tokens, usage.completion_tokens,
+                latency_ms, status,
+            )
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _config(self, user_id: str, name: str) -> ProviderConfig:
+        for shared in self.args.shared_providers:
+            if shared.name == name:
+                user_has_own = any(
+                    p.name == name for p in await self.services.stores.providers.list(user_id)
+                )
+                if not user_has_own:
+                    return shared.config()
+        return await self.services.stores.providers.get_config(user_id, name)
+
+    async def _target_models(self, user_id: str, target: Target) -> list[str]:
+        if target.is_agent or target.kind in SELF_HOSTED_KINDS:
+            if target.kind in SELF_HOSTED_KINDS:
+                return [m.name for m in self.args.self_hosted if m.engine == target.kind]
+            return [target.model] if target.model else []
+        try:
+            config = await self._config(user_id, target.provider)
+            models = await _handles.call(self._providers[config.kind], "models", user_id, config)
+            return [m.id for m in models]
+        except Exception:  # noqa: BLE001 - one unreachable provider must not hide the others
+            return [target.model] if target.model else []
+
+    async def _agents(self, user_id: str) -> list[tuple[str, list[str]]]:
+        if self._hub is None:
+            return []
+        try:
+            return list(await _handles.call(self._hub, "connected_agents", user_id))
+        except Exception:  # noqa: BLE001 - the hub being down only removes agent targets
+            logger.warning("agent hub unavailable; routing without agents")
+            return []
+
+    async def _load_classifier(self) -> None:
+        assert self._embedder is not None
+        labels = list(EXEMPLARS)
+        texts = [t for label in labels for t in EXEMPLARS[label]]
+        for attempt in range(30):
+            try:
+                vectors = await _handles.call(self._embedder, "embed", texts)
+                break
+            except Exception:  # noqa: BLE001 - the embedder may still be starting
+                await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
+        else:
+            logger.warning("query classifier uses keywords only: the embedder did not answer")
+            return
+        by_label: dict[Any, list[list[float]]] = {label: [] for label in labels}
+        i = 0
+        for label in labels:
+            for _ in EXEMPLARS[label]:
+                by_label[label].append(vectors[i])
+                i += 1
+        self.orchestrator.set_classifier(QueryClassifier(by_label))
+        self._classifier_ready.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,76 @@
+"""Running a turn through the Router from the gateway: first event first, then the rest."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments import _handles
+from pacore.errors import UpstreamError
+from pacore.orchestrator import TurnDone, TurnRequest, TurnStarted
+from pacore.protocol import CompleteBody
+from pacore.types import CompletionChunk, ToolCall
+
+__all__ = ["OpenTurn", "collect", "open_turn", "turn_from_complete"]
+
+
+def turn_from_complete(body: CompleteBody) -> TurnRequest:
+    return TurnRequest(
+        messages=body.to_messages(), provider=body.provider, model=body.model,
+        conversation_id=body.conversation_id, use_memory=body.use_memory,
+        temperature=body.temperature, max_tokens=body.max_tokens,
+        data_residency=body.data_residency, tags=body.tags,
+    )
+
+
+@dataclass(slots=True)
+class OpenTurn:
+    """A turn whose first event has arrived: routing and memory have succeeded."""
+
+    started: TurnStarted
+    rest: AsyncIterator[Any]
+    done: TurnDone | None = None
+    parts: list[str] = field(default_factory=list)
+
+    async def chunks(self) -> AsyncIterator[CompletionChunk]:
+        async for event in self.rest:
+            if isinstance(event, CompletionChunk):
+                self.parts.append(event.content)
+                yield event
+            elif isinstance(event, TurnDone):
+                self.done = event
+        if self.done is None:
+            raise UpstreamError("the answer ended before it was complete")
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def open_turn(gw: Any, user_id: str, turn: TurnRequest) -> OpenTurn:
+    """Start the turn and wait for its first event, so that errors before the first token
+    (validation, routing, provider down after fallbacks) surface as plain HTTP errors."""
+    events = _handles.stream(gw.router, "run", user_id, turn)
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        raise UpstreamError("the router ended the turn without an answer") from None
+    except BaseException:
+        await events.aclose()
+        raise
+    if not isinstance(first, TurnStarted):
+        await events.aclose()
+        raise UpstreamError("the router answered out of order")
+    return OpenTurn(first, events)
+
+
+async def collect(opened: OpenTurn) -> tuple[str, TurnDone, list[ToolCall] | None]:
+    try:
+        async for _ in opened.chunks():
+            pass
+    finally:
+        await opened.aclose()
+    assert opened.done is not None
+    return "".join(opened.parts), opened.done, opened.done.tool_calls
