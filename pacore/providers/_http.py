@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -86,19 +87,17 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds to wait, from ``retry-after-ms``, ``retry-after`` seconds, or an HTTP date."""
     if not headers:
         return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000.0
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
+    if _is_number(value):  # a number, but negative, NaN or infinite: no advice
+        return None
     try:
         parsed = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):  # neither seconds nor a date: no advice
@@ -106,6 +105,22 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     if parsed.tzinfo is None:  # HTTP dates are GMT
         parsed = parsed.replace(tzinfo=datetime.UTC)
     return max(0.0, parsed.timestamp() - time.time())
+
+
+def _seconds(value: str | None) -> float | None:
+    """A finite, non-negative number of seconds, or None."""
+    if not value or not _is_number(value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def error_from_response(
