@@ -188,6 +188,13 @@ class AnthropicProvider(Provider):
 
     def params(self, request: CompletionRequest) -> dict[str, Any]:
         """The ``messages.create`` keyword arguments for ``request``."""
+        try:
+            return self._params(request)
+        except PACoreError as exc:
+            exc.provider = exc.provider or self.name
+            raise
+
+    def _params(self, request: CompletionRequest) -> dict[str, Any]:
         system, messages = to_anthropic_messages(request.messages)
         max_tokens = request.max_tokens or int(
             self.config.options.get("max_tokens", DEFAULT_MAX_TOKENS)

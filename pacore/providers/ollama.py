@@ -197,6 +197,13 @@ class OllamaProvider(Provider):
 
     def payload(self, request: CompletionRequest, *, stream: bool) -> dict[str, Any]:
         """The ``/api/chat`` body for ``request``."""
+        try:
+            return self._payload(request, stream)
+        except PACoreError as exc:
+            exc.provider = exc.provider or self.name
+            raise
+
+    def _payload(self, request: CompletionRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_for(request),
             "messages": to_ollama_messages(request.messages),

@@ -167,7 +167,7 @@ async def test_temperature_above_one_is_refused_before_any_call(
 ) -> None:
     with pytest.raises(BadRequestError) as info:
         await provider.complete(ask(temperature=1.5))
-    assert info.value.param == "temperature"
+    assert (info.value.param, info.value.provider) == ("temperature", "claude")
     assert server.requests == []
 
 
@@ -300,6 +300,24 @@ async def test_tool_choice_naming_an_unknown_tool_is_a_bad_request(
         await provider.complete(ask(tools=[WEATHER.model_dump()], tool_choice="send_email"))
     with pytest.raises(BadRequestError):
         await provider.complete(ask(tool_choice="required"))
+
+
+async def test_tool_call_arguments_that_are_not_a_json_object_are_a_bad_request(
+    server: AnthropicServer, provider: AnthropicProvider
+) -> None:
+    request = CompletionRequest(
+        messages=[
+            Message(role="user", content="hi"),
+            Message(
+                role="assistant",
+                tool_calls=[ToolCall(id="toolu_1", name="get_weather", arguments="[1, 2")],
+            ),
+            Message(role="tool", tool_call_id="toolu_1", content="ok"),
+        ]
+    )
+    with pytest.raises(BadRequestError):
+        await provider.complete(request)
+    assert server.requests == []
 
 
 async def test_a_tool_use_answer_becomes_a_tool_call(

@@ -188,8 +188,9 @@ async def test_an_image_url_is_a_bad_request(
             Message(role="user", content=[ImagePart(url="https://example.com/cat.png")]),
         ]
     )
-    with pytest.raises(BadRequestError):
+    with pytest.raises(BadRequestError) as info:
         await provider.complete(request)
+    assert info.value.provider == "local"
     assert server.requests == []
 
 
