@@ -59,6 +59,9 @@ def head_revision() -> str:
 
 def current_revision(url: str) -> str | None:
     """The revision the database at ``url`` is at, or None when it was never migrated."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None  # rather than creating an empty file just to look inside
 
     async def read() -> str | None:
         engine = create_async_engine(url, poolclass=pool.NullPool)
