@@ -22,9 +22,9 @@ from pacore.usage import PriceTable
 
 T = TypeVar("T")
 
-PG_HOST = os.environ.get("PACORE_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("PACORE_TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("PACORE_TEST_PG_USER", "postgres")
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
 PG_ADMIN_DB = "test"
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
+from typer.testing import CliRunner
 
+from pacore.cli.admin import register
 from pacore.db.engine import Database
 from pacore.db.migrate import current_revision, downgrade, head_revision, upgrade
 from pacore.db.models import Base
@@ -80,3 +83,31 @@ def test_upgrade_outside_an_event_loop(tmp_path: Path) -> None:
     assert current_revision(url) == head_revision()
     downgrade(url)
     assert current_revision(url) is None
+
+
+def test_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PACORE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("PACORE_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("PACORE_DATA_DIR", str(tmp_path / "data"))
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert f"at revision {head_revision()}" in result.output
+    assert (tmp_path / "data" / "pacore.db").exists()
+    assert (tmp_path / "data").stat().st_mode & 0o077 == 0
+
+    result = runner.invoke(app, ["db", "current"])
+    assert result.exit_code == 0 and f"at {head_revision()}, newest {head_revision()}" in result.output
+
+    result = runner.invoke(app, ["db", "downgrade", "--revision", "base"])
+    assert result.exit_code == 0 and "base (empty)" in result.output
+
+    other = tmp_path / "elsewhere.db"
+    result = runner.invoke(app, ["db", "upgrade", "--url", f"sqlite+aiosqlite:///{other}"])
+    assert result.exit_code == 0 and other.exists()
+
+    result = runner.invoke(app, ["db", "upgrade", "--revision", "no-such-revision"])
+    assert result.exit_code == 1 and "error:" in result.output

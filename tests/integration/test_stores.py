@@ -10,10 +10,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import typer
 from sqlalchemy import select, text, update
+from typer.testing import CliRunner
 
+from pacore.cli.admin import register
 from pacore.config import Settings
 from pacore.db.engine import Database
+from pacore.db.migrate import upgrade
 from pacore.db.models import Conversation, ProviderConfigRow
 from pacore.db.stores import NewMessage, Stores, UserSettings
 from pacore.errors import (
@@ -24,7 +28,12 @@ from pacore.errors import (
     ValidationError,
 )
 from pacore.protocol import RoutingPrefs, SettingsBody
-from pacore.security.crypto import AesGcmCipher, KeyDecryptionError, key_id_of
+from pacore.security.crypto import (
+    AesGcmCipher,
+    KeyDecryptionError,
+    generate_master_key,
+    key_id_of,
+)
 from pacore.security.rotation import rotate_master_key
 from pacore.security.secrets import load_secrets, master_key_file
 from pacore.security.tokens import TokenService
@@ -485,3 +494,55 @@ async def test_usage_cost_and_summary(stores: Stores, db: Database, tmp_path: Pa
     assert {(x.provider, x.model) for x in summary.by_model} >= {("openai", "gpt-4o")}
     later = await usage.summary(a, since=datetime.now(UTC) + timedelta(minutes=1))
     assert later.requests == 0 and later.cost_usd == 0
+
+
+def test_keys_rotate_command_shows_the_new_key_once_in_production(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'prod.db'}"
+    upgrade(url)
+    old = generate_master_key()
+
+    async def seed() -> str:
+        db = Database(url)
+        stores = Stores(db, AesGcmCipher.from_base64(old))
+        user = await stores.users.create("ops@example.com", "password")
+        await stores.providers.put(user.id, "openai", "openai", PLAINTEXT_KEY)
+        await db.dispose()
+        return user.id
+
+    async def read(user_id: str, master: str) -> str | None:
+        db = Database(url)
+        try:
+            return (await Stores(db, AesGcmCipher.from_base64(master)).providers.get_config(user_id, "openai")).key()
+        finally:
+            await db.dispose()
+
+    user_id = asyncio.run(seed())
+    monkeypatch.delenv("PACORE_CONFIG_FILE", raising=False)
+    for name, value in {
+        "PACORE_MODE": "production",
+        "PACORE_DATA_DIR": str(tmp_path / "data"),
+        "PACORE_DATABASE_URL": url,
+        "PACORE_SECRET_KEY": "p" * 48,
+        "PACORE_MASTER_KEY": old,
+    }.items():
+        monkeypatch.setenv(name, value)
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    assert runner.invoke(app, ["keys", "rotate"]).exit_code == 2
+    assert runner.invoke(app, ["keys", "rotate", "--generate", "--new-key", old]).exit_code == 2
+    same = runner.invoke(app, ["keys", "rotate", "--new-key", old])
+    assert same.exit_code == 1 and "current one" in same.output
+
+    result = runner.invoke(app, ["keys", "rotate", "--generate"])
+    assert result.exit_code == 0, result.output
+    assert "re-encrypted 1 provider key(s)" in result.output
+    assert PLAINTEXT_KEY not in result.output
+    new = result.output.strip().splitlines()[-1]
+    assert asyncio.run(read(user_id, new)) == PLAINTEXT_KEY
+    with pytest.raises(KeyDecryptionError):
+        asyncio.run(read(user_id, old))
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
