@@ -209,6 +209,23 @@ async def test_provider_configs_keep_keys_secret(stores: Stores, caplog: pytest.
     assert PLAINTEXT_KEY not in caplog.text
 
 
+async def test_concurrent_puts_of_one_provider_leave_one_row(stores: Stores) -> None:
+    a, _ = await two_users(stores)
+    keys = {f"sk-{i}" for i in range(8)}
+    await asyncio.gather(*(stores.providers.put(a, "openai", "openai", k) for k in keys))
+    [only] = await stores.providers.list(a)
+    assert only.name == "openai"
+    assert (await stores.providers.get_config(a, "openai")).key() in keys
+
+
+async def test_rows_need_an_existing_user(stores: Stores) -> None:
+    ghost = "00000000-0000-0000-0000-000000000000"
+    with pytest.raises(NotFoundError, match="user"):
+        await stores.conversations.create(ghost)
+    with pytest.raises(NotFoundError, match="user"):
+        await stores.providers.put(ghost, "openai", "openai", "sk-x")
+
+
 async def _raw_key_column(db: Database) -> list[bytes]:
     async with db.session() as session:
         rows = await session.execute(text("SELECT encrypted_key FROM provider_configs"))
@@ -273,12 +290,17 @@ async def test_rotation_moves_every_key_to_the_new_master_key(
     assert {k.key_id for k in await stores.providers.all_encrypted()} == {key_id_of(new_key)}
 
 
-async def test_rotate_master_key_in_embedded_data_dir(db: Database, tmp_path: Path) -> None:
+async def test_rotate_master_key_in_embedded_data_dir(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("PACORE_")]:
+        monkeypatch.delenv(name)
     settings = Settings(data_dir=tmp_path / "data", database_url=db.url)
+    store = Stores.from_settings(settings)
     old = load_secrets(settings)
-    store = Stores(db, old.cipher())
     a, _ = await two_users(store)
     await store.providers.put(a, "openai", "openai", PLAINTEXT_KEY)
+    await store.aclose()
 
     new_key = os.urandom(32)
     result = await rotate_master_key(settings, new_key)

@@ -25,6 +25,14 @@ from pacore.security.secrets import (
 )
 from pacore.security.tokens import TokenService
 
+
+@pytest.fixture(autouse=True)
+def _no_pacore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings here come from the test alone, not from the environment it runs in."""
+    for name in [n for n in os.environ if n.startswith("PACORE_")]:
+        monkeypatch.delenv(name)
+
+
 SECRET = "a-test-signing-secret-long-enough-for-every-hmac-algorithm-0123456789"
 
 # ---------------------------------------------------------------------------------- passwords

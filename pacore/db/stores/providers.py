@@ -99,14 +99,17 @@ class ProviderStore(StoreBase):
         }
         if sealed is not None:
             fields.update(encrypted_key=sealed, key_id=self.cipher.key_id)
-        # Two requests may create the same name at once: the loser retries as an update.
-        for attempt in range(2):
-            try:
-                return await self._upsert(user_id, name, fields)
-            except IntegrityError as exc:
-                if attempt or "foreign key" in str(exc.orig).lower():
-                    raise integrity_error(exc, f"provider '{name}' changed concurrently") from None
-        raise AssertionError("unreachable")
+        conflict = f"provider '{name}' changed concurrently; try again"
+        try:
+            return await self._upsert(user_id, name, fields)
+        except IntegrityError as exc:
+            if "foreign key" in str(exc.orig).lower():
+                raise integrity_error(exc, conflict) from None
+        # Another request created the same name at the same moment: this one updates it.
+        try:
+            return await self._upsert(user_id, name, fields)
+        except IntegrityError as exc:
+            raise integrity_error(exc, conflict) from None
 
     async def _upsert(self, user_id: str, name: str, fields: dict[str, Any]) -> ProviderRecord:
         now = utcnow()
