@@ -1,0 +1,120 @@
+"""The Embedder deployment: one loaded model per replica, concurrent calls batched with ``serve.batch``."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+
+from pacore.config import Settings
+from pacore.errors import BadRequestError
+from pacore.memory.embedder import Embedder, Vector
+
+__all__ = ["DEFAULT_OPTIONS", "EmbedderDeployment", "gpu_options", "options_for"]
+
+# A replica is CPU-bound while it encodes; a quarter of a CPU as its reservation keeps the graph
+# schedulable on a 2-core laptop (the model still uses every core torch gives it). Requests are
+# many small ones, and batching needs them in the replica at once: max_ongoing_requests covers
+# several full batches.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.25},
+    "max_ongoing_requests": 256,
+    "autoscaling_config": {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 64,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 120,
+    },
+}
+
+
+def gpu_options(num_gpus: float = 1.0) -> dict[str, Any]:
+    """The options for replicas that embed on a GPU (one replica per GPU share)."""
+    options = copy.deepcopy(DEFAULT_OPTIONS)
+    options["ray_actor_options"]["num_gpus"] = num_gpus
+    options["ray_actor_options"]["num_cpus"] = 1
+    return options
+
+
+def options_for(settings: Settings) -> dict[str, Any]:
+    """GPU options when the settings ask for CUDA, the CPU defaults otherwise."""
+    if settings.embedding_device == "cuda":
+        return gpu_options()
+    return copy.deepcopy(DEFAULT_OPTIONS)
+
+
+class EmbedderDeployment:
+    """Embeds texts for the Router (query classification), Memory (indexing, search) and the
+    OpenAI-compatible ``/v1/embeddings``.
+
+    Every text travels through one ``serve.batch`` queue: a call with one text and a call with
+    a hundred both become items of the next batch, so many concurrent small calls are encoded
+    together. The decorator is applied to the bound method in the constructor, which gives each
+    instance its own queue (bound to the event loop it first runs on) and lets the batch size
+    and wait come from the settings.
+    """
+
+    def __init__(
+        self, settings: Settings | dict[str, Any] | None = None, *, embedder: Embedder | None = None
+    ) -> None:
+        if not isinstance(settings, Settings):
+            settings = Settings(**(settings or {}))
+        self.settings = settings
+        self.embedder = embedder or Embedder.from_settings(settings)
+        self._encode_one = serve.batch(
+            max_batch_size=settings.embedding_batch_size,
+            batch_wait_timeout_s=settings.embedding_batch_wait_s,
+        )(self._encode_batch)
+
+    def set_max_batch_size(self, size: int) -> None:
+        self._encode_one.set_max_batch_size(size)  # type: ignore[attr-defined]
+
+    def set_batch_wait_timeout_s(self, seconds: float) -> None:
+        self._encode_one.set_batch_wait_timeout_s(seconds)  # type: ignore[attr-defined]
+
+    async def _encode_batch(self, texts: list[str]) -> list[Vector]:
+        arr = await asyncio.to_thread(self.embedder.encode, texts, len(texts))
+        vectors: list[Vector] = arr.tolist()
+        return vectors
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One normalised vector per text (a text longer than the model's window is truncated)."""
+        return list(await asyncio.gather(*(self._encode_one(t) for t in _texts(texts))))
+
+    async def embed_documents(self, texts: list[str]) -> list[list[list[float]]]:
+        """Each text cut into the model's windows, one vector per window."""
+        return [[v for _, v in cs] for cs in await self.embed_chunks(texts)]
+
+    async def embed_chunks(self, texts: list[str]) -> list[list[tuple[str, list[float]]]]:
+        """Each text's windows with their vectors (what the memory index stores)."""
+        checked = _texts(texts)
+        chunks = await asyncio.to_thread(lambda: [self.embedder.chunk(t) for t in checked])
+        flat = iter(await asyncio.gather(*(self._encode_one(c) for cs in chunks for c in cs)))
+        return [[(c, next(flat)) for c in cs] for cs in chunks]
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the model counts them (for usage reports and budgets)."""
+        checked = _texts(texts)
+        return await asyncio.to_thread(lambda: [self.embedder.count_tokens(t) for t in checked])
+
+    async def info(self) -> dict[str, Any]:
+        e = self.embedder
+        return {
+            "model": e.model_name,
+            "dimension": e.dimension,
+            "max_tokens": e.max_tokens,
+            "device": e.device,
+        }
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise BadRequestError("input must be a list of strings", param="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRequestError("input must be a list of strings", param="input")
+    return list(texts)
