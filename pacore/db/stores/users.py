@@ -67,6 +67,17 @@ class UserStore(StoreBase):
             raise NotFoundError("user not found")
         return UserRecord.model_validate(row)
 
+    async def get_by_email(self, email: str) -> UserRecord:
+        """The user with this e-mail (for operators' tools; never exposed over the API)."""
+        email = normalize_email(email)
+        async with self.db.session() as session:
+            row = (
+                await session.execute(select(User).where(User.email == email))
+            ).scalar_one_or_none()
+        if row is None:
+            raise NotFoundError("user not found")
+        return UserRecord.model_validate(row)
+
     async def _rehash(self, user_id: str, password: str) -> None:
         hashed = await asyncio.to_thread(hash_password, password)
         async with self.db.transaction() as session:
