@@ -11,6 +11,7 @@ deployments on to the deployment that serves requests, which puts them in the gr
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,10 @@ class CPUModelDeployment:
 
     async def models(self) -> list[ModelInfo]:
         return [self._engine.model_info()]
+
+    async def stats(self) -> dict[str, Any]:
+        """The engine's counters, and whether it is generating now."""
+        return {**dataclasses.asdict(self._engine.stats), "busy": self._engine.busy}
 
     async def check_health(self) -> None:
         """Serve's liveness hook: a replica whose engine cannot answer is restarted."""

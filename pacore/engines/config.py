@@ -92,7 +92,9 @@ class SelfHostedModel(_Strict):
         description="vllm only: s3://, gs:// or azure:// folder with one subfolder per adapter, "
         "loaded on first request for '<model name>:<subfolder>'",
     )
-    max_lora_rank: int = Field(default=16, ge=1, description="vllm only: largest adapter rank")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="vllm only: largest adapter rank (a rank vLLM supports)"
+    )
     num_replicas: int | None = Field(
         default=None, ge=1, description="a fixed replica count (instead of autoscaling)"
     )

@@ -262,7 +262,9 @@ class CPUEngine:
                 else:
                     assert isinstance(item, list)
                     generated.extend(item)
-            text, stopped = stops.feed(detok.feed(generated) + (detok.flush(generated) if ended else ""))
+            text, stopped = stops.feed(
+                detok.feed(generated) + (detok.flush(generated) if ended else "")
+            )
             if stopped or ended:
                 reason = "stop" if stopped else self._finish_reason(generated, job)
                 yield self._final(text + ("" if stopped else stops.flush()), reason, job, generated)
@@ -398,9 +400,7 @@ class _StopMatcher:
 
 def _sampling(request: CompletionRequest) -> dict[str, Any]:
     """``generate`` arguments: 0 means greedy, nothing given means the model's own defaults."""
-    kwargs: dict[str, Any] = {
-        k: request.extra[k] for k in _SAMPLING_EXTRAS if k in request.extra
-    }
+    kwargs: dict[str, Any] = {k: request.extra[k] for k in _SAMPLING_EXTRAS if k in request.extra}
     if request.temperature == 0:
         kwargs["do_sample"] = False
         return kwargs

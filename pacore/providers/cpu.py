@@ -49,7 +49,9 @@ class CPUProvider(Provider):
         return cls(config, LocalEngineClient(engine))
 
     @classmethod
-    def over_handle(cls, config: ProviderConfig, handle: DeploymentHandle, model: str) -> CPUProvider:
+    def over_handle(
+        cls, config: ProviderConfig, handle: DeploymentHandle, model: str
+    ) -> CPUProvider:
         return cls(config, HandleEngineClient(handle, model, provider=config.name))
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:

@@ -120,7 +120,9 @@ class VLLMProvider(Provider):
         ids = [base, *sorted(adapters.static)]
         return [ModelInfo(id=i, provider=self.name, owned_by="self-hosted") for i in ids]
 
-    async def _stream_once(self, request: CompletionRequest, model: str) -> AsyncIterator[CompletionChunk]:
+    async def _stream_once(
+        self, request: CompletionRequest, model: str
+    ) -> AsyncIterator[CompletionChunk]:
         handle = await self._chat_handle(model)
         body = _chat_request(chat_body(request, model, stream=True))
         responses = handle.chat.remote(body)
@@ -225,7 +227,11 @@ def chat_body(request: CompletionRequest, model: str, *, stream: bool) -> dict[s
         body["tools"] = [
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
             }
             for t in request.tools
         ]

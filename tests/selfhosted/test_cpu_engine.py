@@ -84,7 +84,9 @@ async def test_stop_string_ends_the_answer_before_it(engine: CPUEngine) -> None:
 
 
 async def test_sampling_parameters_are_accepted(engine: CPUEngine) -> None:
-    result = await engine.complete(_request(temperature=0.8, top_p=0.9, max_tokens=8, extra={"top_k": 20}))
+    result = await engine.complete(
+        _request(temperature=0.8, top_p=0.9, max_tokens=8, extra={"top_k": 20})
+    )
     assert result.usage.completion_tokens == 8
 
 
@@ -142,12 +144,20 @@ async def test_completion_is_clamped_to_the_context(engine: CPUEngine) -> None:
         ({"model": "other"}, NotFoundError),
         ({"tools": [ToolDefinition(name="f")]}, BadRequestError),
         (
-            {"messages": [Message(role="user", content=[TextPart(text="hi"), ImagePart(url="http://x/y.png")])]},
+            {
+                "messages": [
+                    Message(
+                        role="user", content=[TextPart(text="hi"), ImagePart(url="http://x/y.png")]
+                    )
+                ]
+            },
             BadRequestError,
         ),
     ],
 )
-async def test_bad_requests(engine: CPUEngine, kw: dict[str, object], error: type[Exception]) -> None:
+async def test_bad_requests(
+    engine: CPUEngine, kw: dict[str, object], error: type[Exception]
+) -> None:
     with pytest.raises(error):
         await engine.complete(_request(**kw))
     assert not engine.busy
@@ -155,7 +165,9 @@ async def test_bad_requests(engine: CPUEngine, kw: dict[str, object], error: typ
 
 async def test_model_named_by_path_or_name_is_accepted(engine: CPUEngine) -> None:
     for model in ("tiny", engine.spec.model):
-        assert (await engine.complete(_request(model=model, max_tokens=2))).usage.completion_tokens == 2
+        assert (
+            await engine.complete(_request(model=model, max_tokens=2))
+        ).usage.completion_tokens == 2
 
 
 def test_missing_model_directory_is_not_found(tmp_path, tiny_spec) -> None:  # type: ignore[no-untyped-def]

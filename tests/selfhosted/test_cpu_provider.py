@@ -19,7 +19,9 @@ def _config(**kw: object) -> ProviderConfig:
 
 def _request(**kw: object) -> CompletionRequest:
     return CompletionRequest(
-        messages=[Message(role="user", content="hello there")], temperature=0, **kw  # type: ignore[arg-type]
+        messages=[Message(role="user", content="hello there")],
+        temperature=0,
+        **kw,  # type: ignore[arg-type]
     )
 
 

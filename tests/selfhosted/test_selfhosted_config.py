@@ -60,7 +60,11 @@ def test_full_vllm_translation() -> None:
         "lora_modules": [{"name": "llama3:sql", "path": "/adapters/sql"}],
     }
     assert kwargs["deployment_config"] == {
-        "autoscaling_config": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 16.0},
+        "autoscaling_config": {
+            "min_replicas": 0,
+            "max_replicas": 4,
+            "target_ongoing_requests": 16.0,
+        },
         "max_ongoing_requests": 64,
         "ray_actor_options": {"num_cpus": 2.0},
     }
@@ -71,7 +75,9 @@ def test_full_vllm_translation() -> None:
 
 
 def test_user_generation_overrides_are_kept() -> None:
-    model = _vllm(engine_kwargs={"override_generation_config": {"temperature": 0.2}}, num_replicas=2)
+    model = _vllm(
+        engine_kwargs={"override_generation_config": {"temperature": 0.2}}, num_replicas=2
+    )
     kwargs = llm_config_kwargs(model)
     assert kwargs["engine_kwargs"]["override_generation_config"] == {
         "temperature": 0.2,
@@ -130,7 +136,9 @@ def test_deployment_names() -> None:
 
 
 def test_cpu_deployment_defaults_fit_a_laptop() -> None:
-    options = CPUModelDeployment.deployment_options(SelfHostedModel(name="m", engine="cpu", model="/m"))
+    options = CPUModelDeployment.deployment_options(
+        SelfHostedModel(name="m", engine="cpu", model="/m")
+    )
     assert options["name"] == "selfhosted-cpu-m"
     assert 0 < options["ray_actor_options"]["num_cpus"] < 1
     assert options["autoscaling_config"]["min_replicas"] == 1
@@ -140,7 +148,13 @@ def test_cpu_deployment_defaults_fit_a_laptop() -> None:
 
 def test_cpu_deployment_overrides() -> None:
     model = SelfHostedModel(
-        name="m", engine="cpu", model="/m", num_cpus=2, num_gpus=1, num_replicas=3, max_ongoing_requests=1
+        name="m",
+        engine="cpu",
+        model="/m",
+        num_cpus=2,
+        num_gpus=1,
+        num_replicas=3,
+        max_ongoing_requests=1,
     )
     options = CPUModelDeployment.deployment_options(model)
     assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0}
@@ -151,7 +165,10 @@ def test_cpu_deployment_overrides() -> None:
         model.model_copy(update={"num_replicas": None, "autoscaling": Autoscaling(max_replicas=5)})
     )
     assert scaled["autoscaling_config"]["max_replicas"] == 5
-    assert scaled["autoscaling_config"]["upscale_delay_s"] == DEFAULT_OPTIONS["autoscaling_config"]["upscale_delay_s"]
+    assert (
+        scaled["autoscaling_config"]["upscale_delay_s"]
+        == DEFAULT_OPTIONS["autoscaling_config"]["upscale_delay_s"]
+    )
 
 
 def test_bind_self_hosted_binds_cpu_models_with_overrides() -> None:
