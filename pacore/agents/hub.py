@@ -256,8 +256,11 @@ class AgentHub:
     ) -> AsyncIterator[str | LinkClosed]:
         """Serve one agent connection: yields text frames to write down its socket, then a
         :class:`LinkClosed` when the link must end (revoked, replaced, heartbeat lost, detached).
-        The socket's holder closes the socket when this ends, and calls :meth:`detach` when the
-        socket closes first."""
+
+        The first item comes as soon as the link is registered (a ping, or a refusal): relay the
+        socket's inbound frames to :meth:`deliver` only after it, so that replies to them have
+        somewhere to go. The socket's holder closes the socket when this ends, and calls
+        :meth:`detach` when the socket closes first."""
         refusal = await self._refusal(agent_id, user_id)
         if refusal is not None:
             yield refusal
@@ -266,6 +269,7 @@ class AgentHub:
             await self._register(agent_id, connection_id, user_id)
             reason = "link closed"
             try:
+                yield encode(Ping())
                 async for item in self._outbound(agent_id, connection_id, sub):
                     if isinstance(item, LinkClosed):
                         reason = item.reason
