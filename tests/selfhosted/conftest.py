@@ -34,14 +34,21 @@ def engine(tiny_spec: SelfHostedModel) -> Iterator[CPUEngine]:
 
 @pytest.fixture(scope="session")
 def serve_instance() -> Iterator[None]:
-    """A small local Ray with Serve and no HTTP proxy, torn down after the session."""
+    """A small local Ray with Serve and no HTTP proxy, torn down after the session.
+
+    When another suite of the same session already started Ray, that instance is used and left
+    for its owner to stop.
+    """
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    owner = not ray.is_initialized()
+    if owner:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(proxy_location="Disabled")
     try:
         yield
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if owner:
+            serve.shutdown()
+            ray.shutdown()
