@@ -59,7 +59,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     if pargs.self_hosted:
         from deployments.selfhosted import bind_self_hosted
 
-        self_hosted = bind_self_hosted(pargs.self_hosted, pargs.options_for)
+        self_hosted = bind_self_hosted(pargs.self_hosted, pargs.options_for, settings)
 
     router = _deploy(RouterDeployment, "Router", pargs, RouterDeployment.DEFAULT_OPTIONS).bind(
         raw, providers, memory, embedder, hub, self_hosted

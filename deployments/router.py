@@ -13,7 +13,7 @@ from deployments import _handles
 from pacore.config import PlatformArgs, Settings
 from pacore.errors import NotFoundError
 from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
-from pacore.providers.base import ProviderConfig
+from pacore.providers.base import Provider, ProviderConfig
 from pacore.routing import EXEMPLARS, QueryClassifier, RoutingContext, Target
 from pacore.services import Services
 from pacore.streaming import coalesce
@@ -97,7 +97,7 @@ class RouterDeployment:
         self.services = Services.for_settings(self.settings)
         self._providers = providers
         self._hub = agent_hub
-        self._self_hosted = self_hosted or {}
+        self._self_hosted = _self_hosted_providers(self.args, self_hosted or {})
         self._embedder = embedder
         mem = _HandleMemory(memory, embedder) if memory is not None and embedder is not None else None
         self.orchestrator = Orchestrator(
@@ -180,10 +180,10 @@ class RouterDeployment:
             return
         if target.kind in SELF_HOSTED_KINDS:
             model = request.model or target.model or ""
-            handle = self._self_hosted.get(model)
-            if handle is None:
+            provider = self._self_hosted.get(model)
+            if provider is None:
                 raise NotFoundError(f"model '{model}' is not served here", param="model")
-            async for chunk in _handles.stream(handle, "stream", request):
+            async for chunk in provider.stream(request.model_copy(update={"model": model})):
                 yield chunk
             return
         config = await self._config(user_id, target.provider)
@@ -263,3 +263,23 @@ class RouterDeployment:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _self_hosted_providers(
+    args: PlatformArgs, handles: dict[str, DeploymentHandle]
+) -> dict[str, Provider]:
+    """One provider per self-hosted model, talking to that model's deployment."""
+    from pacore.providers.cpu import CPUProvider
+    from pacore.providers.vllm import VLLMProvider
+
+    out: dict[str, Provider] = {}
+    for model in args.self_hosted:
+        handle = handles.get(model.name)
+        if handle is None:
+            continue
+        config = ProviderConfig(kind=model.engine, name=model.engine, default_model=model.name)
+        if model.engine == "cpu":
+            out[model.name] = CPUProvider.over_handle(config, handle, model.name)
+        else:
+            out[model.name] = VLLMProvider(config, handle=handle)
+    return out

@@ -15,6 +15,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pacore.engines.config import SelfHostedModel
 from pacore.providers.base import ProviderConfig
 
 __all__ = [
@@ -207,7 +208,7 @@ class PlatformArgs(BaseModel):
         description="provider kinds that get a deployment",
     )
     shared_providers: list[SharedProvider] = Field(default_factory=list)
-    self_hosted: list[dict[str, Any]] = Field(
+    self_hosted: list[SelfHostedModel] = Field(
         default_factory=list, description="self-hosted models (vLLM on GPUs, or the CPU engine)"
     )
     memory: bool = Field(default=True, description="deploy the Embedder and Memory")

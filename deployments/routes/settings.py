@@ -37,6 +37,6 @@ async def _known_providers(gw: Gateway, user_id: str) -> set[str]:
     stores = gw.services.stores
     names = {p.name for p in await stores.providers.list(user_id)}
     names.update(p.name for p in gw.args.shared_providers)
-    names.update(str(m.get("engine", "")) for m in gw.args.self_hosted)
+    names.update(m.engine for m in gw.args.self_hosted)
     names.update(f"agent:{a.id}" for a in await stores.agents.list(user_id))
     return names

