@@ -435,7 +435,12 @@ class AgentHub:
             [_owner(agent_id), _conn(agent_id), _revoked(agent_id)]
         )
         if owner is None and revoked is None and self.directory is not None:
-            owner = await self.directory.owner_of(agent_id)
+            try:
+                owner = await self.directory.owner_of(agent_id)
+            except Exception:
+                # Unknown to the bus means not connected, whoever owns it.
+                log.warning("agent hub: directory lookup of %s failed", agent_id, exc_info=True)
+                raise self._offline(agent_id) from None
         if owner is None or owner != user_id or revoked is not None:
             raise NotFoundError(f"agent '{agent_id}' not found", code="agent_not_found")
         if conn is None:
