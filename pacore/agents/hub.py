@@ -178,6 +178,20 @@ def provider_name(agent_id: str) -> str:
     return f"agent:{agent_id}"
 
 
+class _Answers:
+    """How long the agent has been silent, by this replica's clock alone: ``seen`` is written by
+    whichever replica took the pong, so only its changes count here, never its clock."""
+
+    def __init__(self, seen: str | None) -> None:
+        self._seen = seen
+        self._changed = time.monotonic()
+
+    def silent_s(self, seen: str | None) -> float:
+        if seen != self._seen:
+            self._seen, self._changed = seen, time.monotonic()
+        return time.monotonic() - self._changed
+
+
 class _Call:
     """One request in flight on a link: the frames answering it, or why none will come."""
 
@@ -303,6 +317,7 @@ class AgentHub:
     ) -> AsyncIterator[str | LinkClosed]:
         interval = self.config.ping_interval_s
         next_ping = time.monotonic() + interval
+        answers = _Answers(await self.bus.get(_seen(agent_id)))
         while True:
             item = await sub.get(max(0.0, next_ping - time.monotonic()))
             if item is not None:
@@ -313,17 +328,18 @@ class AgentHub:
                 code, reason = json.loads(message[1:])
                 yield LinkClosed(int(code), str(reason))
                 return
-            closed = await self._heartbeat(agent_id, connection_id)
+            closed = await self._heartbeat(agent_id, connection_id, answers)
             if closed is not None:
                 yield closed
                 return
             yield encode(Ping())
             next_ping = time.monotonic() + interval
 
-    async def _heartbeat(self, agent_id: str, connection_id: str) -> LinkClosed | None:
+    async def _heartbeat(
+        self, agent_id: str, connection_id: str, answers: _Answers
+    ) -> LinkClosed | None:
         cfg = self.config
-        seen = await self.bus.get(_seen(agent_id))
-        silent_s = time.time() - float(seen) if seen else float("inf")
+        silent_s = answers.silent_s(await self.bus.get(_seen(agent_id)))
         if silent_s > cfg.ping_interval_s * cfg.missed_pongs:
             return LinkClosed(CLOSE_HEARTBEAT_TIMEOUT, "the agent stopped answering pings")
         if not await self.bus.refresh_if(
