@@ -1,8 +1,9 @@
 """The AgentHub deployment: the agent hub on Ray Serve, one replica in-process, many over Redis.
 
-Every method is :class:`pacore.agents.hub.AgentHub`'s, called through a handle: the Gateway calls
-``attach`` (streaming), ``deliver``, ``detach``, ``revoke`` and ``presence``; the Router calls
-``complete``, ``stream`` (streaming), ``call_tool``, ``health`` and ``connected_agents``.
+Every method but ``ping`` is :class:`pacore.agents.hub.AgentHub`'s, called through a handle: the
+Gateway calls ``attach`` (streaming), ``deliver``, ``detach``, ``revoke``, ``presence`` and
+``ping``; the Router calls ``complete``, ``stream`` (streaming), ``call_tool``, ``health`` and
+``connected_agents``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class AgentHubDeployment(AgentHub):
 
         self._db = Database.from_settings(settings)
         return AgentStoreDirectory(AgentStore(self._db))
+
+    async def ping(self) -> None:
+        """Readiness, for the gateway's health check: the bus answers."""
+        await self.bus.get("ping")
 
     async def aclose(self) -> None:
         """Close the bus and the database (a replica's process exit does it too)."""

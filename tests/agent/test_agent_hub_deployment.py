@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis.exceptions
 
 from deployments.agent_hub import AgentHubDeployment
 from pacore.agents.bus import InMemoryBus, RedisBus
@@ -34,12 +35,19 @@ async def test_the_bus_follows_the_settings(tmp_path: Path) -> None:
     alone = AgentHubDeployment({"data_dir": str(tmp_path)}, directory=False)
     assert isinstance(alone.bus, InMemoryBus)
     assert alone.directory is None
+    await alone.ping()
     shared = AgentHubDeployment(
         {"data_dir": str(tmp_path), "redis_url": REDIS_URL}, {"ping_interval_s": 1.5},
         directory=False,
     )
     assert isinstance(shared.bus, RedisBus)
     assert shared.config.ping_interval_s == 1.5
+    unreachable = AgentHubDeployment(
+        {"data_dir": str(tmp_path), "redis_url": "redis://127.0.0.1:9/0"}, directory=False
+    )
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await unreachable.ping()
+    await unreachable.aclose()
     await shared.aclose()
     await alone.aclose()
 
