@@ -61,8 +61,9 @@ class AgentStoreDirectory:
             log.warning("agent %s is connected but no longer in the agents table", agent_id)
 
 
-def bus_for(settings: Settings) -> Bus:
-    return RedisBus(settings.redis_url) if settings.redis_url else InMemoryBus()
+def bus_for(settings: Settings, prefix: str = "pacore:agents:") -> Bus:
+    """Redis when ``redis_url`` is set (names under ``prefix``), else the in-memory bus."""
+    return RedisBus(settings.redis_url, prefix=prefix) if settings.redis_url else InMemoryBus()
 
 
 class AgentHubDeployment(AgentHub):
@@ -85,12 +86,13 @@ class AgentHubDeployment(AgentHub):
         hub: dict[str, Any] | None = None,
         *,
         directory: bool = True,
+        bus_prefix: str = "pacore:agents:",
     ) -> None:
         if not isinstance(settings, Settings):
             settings = Settings(**(settings or {}))
         self._db: Any = None
         super().__init__(
-            bus_for(settings),
+            bus_for(settings, bus_prefix),
             HubConfig.model_validate(hub or {}),
             directory=self._directory(settings) if directory else None,
         )
