@@ -24,10 +24,17 @@ lint: install
 	$(VENV)/bin/ruff check pacore deployments agent sdk tests benchmarks
 	$(VENV)/bin/mypy
 
+# Suites that start Ray run in their own pytest process, each with its own Ray instance.
 # pytest's exit code 5 means it collected nothing: a suite that runs nothing proves nothing.
+TEST_GROUPS ?= "tests/unit tests/providers tests/integration" tests/selfhosted tests/agent tests/serve
+
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@failed=0; for group in $(TEST_GROUPS); do \
+		echo "== pytest $$group"; \
+		$(PY) -m pytest $$group $(PYTEST_ARGS); rc=$$?; \
+		if [ $$rc -eq 5 ]; then echo "pytest collected no tests in $$group" >&2; rc=1; fi; \
+		if [ $$rc -ne 0 ]; then failed=1; fi; \
+	done; exit $$failed
 
 unit: install
 	$(PY) -m pytest tests/unit tests/providers $(PYTEST_ARGS)

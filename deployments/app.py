@@ -34,13 +34,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     embedder = memory = hub = None
     if pargs.memory:
         from deployments import embedder as embedder_mod
-        from deployments.memory import MemoryDeployment
+        from deployments import memory as memory_mod
 
         embedder = _deploy(
             embedder_mod.EmbedderDeployment, "Embedder", pargs, embedder_mod.options_for(settings)
         ).bind(pargs.settings)
         memory = _deploy(
-            MemoryDeployment, "Memory", pargs, MemoryDeployment.options_for(settings)
+            memory_mod.MemoryDeployment, "Memory", pargs, memory_mod.options_for(settings)
         ).bind(pargs.settings, embedder)
     if pargs.agents:
         from deployments.agent_hub import AgentHubDeployment

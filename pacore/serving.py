@@ -10,11 +10,13 @@ interface in Ray's template; for a loopback install PA Core starts HAProxy throu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["fast_mode_env", "haproxy_main", "is_loopback", "rewrite_binds"]
@@ -34,8 +36,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def fast_mode_env(host: str, data_dir: Path) -> dict[str, str]:
     """The environment that puts Ray Serve in its fast mode for an install on ``host``."""
-    haproxy_dir = data_dir / "haproxy"
-    haproxy_dir.mkdir(parents=True, exist_ok=True)
+    # HAProxy's admin socket path is limited to 97 bytes and Ray adds the 56-character node id,
+    # so its files live in a short directory of their own rather than under data_dir.
+    digest = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+    haproxy_dir = Path(tempfile.gettempdir()) / f"pacore-hap-{digest}"
+    haproxy_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",

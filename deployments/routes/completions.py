@@ -68,6 +68,8 @@ async def stream_ws(websocket: WebSocket) -> None:
     try:
         user = await authenticate(gw, token)
     except PACoreError as exc:
+        # Accepted first so that the client sees the close code and reason, not a bare 403.
+        await websocket.accept()
         await websocket.close(code=4401, reason=exc.message[:120])
         return
     await websocket.accept()
