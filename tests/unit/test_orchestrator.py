@@ -108,6 +108,7 @@ async def test_events_in_order_and_turn_stored():
     done = events[-1]
     assert done.usage.completion_tokens == 2 and done.finish_reason == "stop"
     [(user_id, cid, messages, kw)] = memory.stored
+    assert user_id == "u1"
     assert cid == events[0].conversation_id and kw["new"] is True
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[-1].content == "hello"
