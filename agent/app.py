@@ -8,6 +8,7 @@ engine, is served exactly as the cloud serves its own providers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -140,9 +141,12 @@ class LocalModels:
 
     async def complete(self, name: str | None, request: CompletionRequest) -> CompletionResult:
         model, handle = self.resolve(name)
-        result: CompletionResult = await handle.complete.remote(
-            request.model_copy(update={"model": model})
-        )
+        response = handle.complete.remote(request.model_copy(update={"model": model}))
+        try:
+            result: CompletionResult = await response
+        except asyncio.CancelledError:
+            response.cancel()  # the cloud cancelled: stop the replica's upstream call too
+            raise
         return result
 
     async def stream(

@@ -72,7 +72,14 @@ from pacore.types import (
     ToolCallDelta,
 )
 
-__all__ = ["AgentDirectory", "AgentHub", "AgentPresence", "HubConfig", "LinkClosed"]
+__all__ = [
+    "AgentDirectory",
+    "AgentHub",
+    "AgentPresence",
+    "HubConfig",
+    "LinkClosed",
+    "provider_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +203,20 @@ class _Call:
     """One request in flight on a link: the frames answering it, or why none will come."""
 
     def __init__(
-        self, hub: AgentHub, agent_id: str, connection_id: str, request_id: str, sub: Subscription
+        self, hub: AgentHub, agent_id: str, connection_id: str, sub: Subscription,
+        timeout_s: float,
     ) -> None:
-        self.hub, self.agent_id, self.connection_id = hub, agent_id, connection_id
-        self.request_id, self._sub = request_id, sub
+        self.hub, self.agent_id, self.connection_id, self._sub = hub, agent_id, connection_id, sub
         self.finished = False
-        self.deadline = time.monotonic() + hub.config.request_timeout_s
+        self.deadline = time.monotonic() + timeout_s
 
-    async def next(self, idle_timeout_s: float) -> Frame:
-        """The next answer frame; an ``error`` frame, a dropped link or a timeout raise."""
+    async def next(self, idle_timeout_s: float | None = None) -> Frame:
+        """The next answer frame, within ``idle_timeout_s`` and the call's deadline; an
+        ``error`` frame, a dropped link or a timeout raise."""
         cfg = self.hub.config
-        idle_deadline = min(self.deadline, time.monotonic() + idle_timeout_s)
+        idle_deadline = self.deadline
+        if idle_timeout_s is not None:
+            idle_deadline = min(idle_deadline, time.monotonic() + idle_timeout_s)
         while True:
             left = idle_deadline - time.monotonic()
             if left <= 0:
@@ -471,11 +481,14 @@ class AgentHub:
         )
 
     @contextlib.asynccontextmanager
-    async def _open(self, user_id: str, agent_id: str, frame: Frame) -> AsyncIterator[_Call]:
-        """Send ``frame`` to the agent and wait on its answers; cancels it if left unfinished."""
+    async def _open(
+        self, user_id: str, agent_id: str, frame: Frame, timeout_s: float | None
+    ) -> AsyncIterator[_Call]:
+        """Send ``frame`` to the agent and wait on its answers, for at most ``timeout_s`` in all
+        (default: the config's ``request_timeout_s``); cancels it if left unfinished."""
         conn = await self._route(user_id, agent_id)
         async with self.bus.subscribe(_resp(frame.id), _link(conn)) as sub:
-            call = _Call(self, agent_id, conn, frame.id, sub)
+            call = _Call(self, agent_id, conn, sub, timeout_s or self.config.request_timeout_s)
             if await self.bus.publish(_out(conn), _frame_msg(encode(frame))) == 0:
                 raise self._offline(agent_id)
             try:
@@ -489,24 +502,27 @@ class AgentHub:
             await self.bus.publish(_out(connection_id), _frame_msg(encode(Cancel(id=request_id))))
 
     async def complete(
-        self, user_id: str, agent_id: str, request: CompletionRequest
+        self, user_id: str, agent_id: str, request: CompletionRequest,
+        *, timeout_s: float | None = None,
     ) -> CompletionResult:
         """The whole answer of the agent's model ``request.model`` (None: its default)."""
         frame = LlmRequest(model=request.model, request=request, stream=False)
-        async with self._open(user_id, agent_id, frame) as call:
-            answer = await call.next(self.config.request_timeout_s)
+        async with self._open(user_id, agent_id, frame, timeout_s) as call:
+            answer = await call.next()
             call.finished = True
             if not isinstance(answer, LlmResponse):
                 raise self._unexpected(agent_id, answer)
             return answer.result.model_copy(update={"provider": provider_name(agent_id)})
 
     async def stream(
-        self, user_id: str, agent_id: str, request: CompletionRequest
+        self, user_id: str, agent_id: str, request: CompletionRequest,
+        *, timeout_s: float | None = None,
     ) -> AsyncIterator[CompletionChunk]:
         """The agent's answer as it is produced; the last chunk carries finish_reason and usage.
-        Closing the iterator early cancels the request on the agent."""
+        Closing the iterator early cancels the request on the agent. ``timeout_s`` bounds the
+        whole stream; the config's ``idle_timeout_s`` bounds each wait for the next frame."""
         frame = LlmRequest(model=request.model, request=request, stream=True)
-        async with self._open(user_id, agent_id, frame) as call:
+        async with self._open(user_id, agent_id, frame, timeout_s) as call:
             while True:
                 answer = await call.next(self.config.idle_timeout_s)
                 if isinstance(answer, LlmStream):
@@ -525,7 +541,8 @@ class AgentHub:
                 raise self._unexpected(agent_id, answer)
 
     async def call_tool(
-        self, user_id: str, agent_id: str, name: str, arguments: dict[str, Any]
+        self, user_id: str, agent_id: str, name: str, arguments: dict[str, Any],
+        *, timeout_s: float | None = None,
     ) -> Any:
         """Run one of the tools the agent declared; returns its JSON result."""
         caps = await self._capabilities(agent_id)
@@ -535,8 +552,8 @@ class AgentHub:
                 f"agent '{agent_id}' has no tool '{name}'", code="unknown_tool", param="name"
             )
         frame = ToolRequest(name=name, arguments=arguments)
-        async with self._open(user_id, agent_id, frame) as call:
-            answer = await call.next(self.config.request_timeout_s)
+        async with self._open(user_id, agent_id, frame, timeout_s) as call:
+            answer = await call.next()
             call.finished = True
             if not isinstance(answer, ToolResponse):
                 raise self._unexpected(agent_id, answer)
@@ -547,8 +564,9 @@ class AgentHub:
     async def health(self, user_id: str, agent_id: str) -> ProviderHealth:
         """A live round trip to the agent and its local models."""
         started = time.monotonic()
-        async with self._open(user_id, agent_id, HealthCheck()) as call:
-            answer = await call.next(self.config.health_timeout_s)
+        timeout_s = self.config.health_timeout_s
+        async with self._open(user_id, agent_id, HealthCheck(), timeout_s) as call:
+            answer = await call.next()
             call.finished = True
         if not isinstance(answer, HealthResponse):
             raise self._unexpected(agent_id, answer)

@@ -322,6 +322,10 @@ async def test_a_silent_answer_times_out_and_is_cancelled(
         async for _ in impatient.stream("user-a", "agent-a", ask()):
             pass
     assert await upstream.wait_for_disconnects(1, timeout_s=10)
+    upstream.script(Scripted(delay_s=60))
+    with pytest.raises(TimeoutError):
+        await env.hub.complete("user-a", "agent-a", ask(), timeout_s=0.5)
+    assert await upstream.wait_for_disconnects(2, timeout_s=10)
 
 
 async def test_reconnects_after_the_cloud_restarts(env: Env) -> None:
