@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.config import PlatformArgs, Settings
 from pacore.errors import PACoreError, PayloadTooLargeError, RateLimitError
+from pacore.metrics import RequestMetricsMiddleware, record_error
 from pacore.ratelimit import RateLimiter
 from pacore.services import Services
 
@@ -101,6 +102,7 @@ def create_app(gateway: Any) -> FastAPI:
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestMetricsMiddleware)
     return app
 
 
@@ -108,6 +110,7 @@ def create_app(gateway: Any) -> FastAPI:
 
 
 def error_response(exc: PACoreError, request_id: str | None = None) -> JSONResponse:
+    record_error(exc.type)
     headers = {"x-request-id": request_id} if request_id else {}
     if isinstance(exc, RateLimitError) and exc.retry_after is not None:
         headers["retry-after"] = str(max(1, int(exc.retry_after + 0.999)))
