@@ -16,6 +16,7 @@ from deployments.framing import done_payload, sse
 from deployments.gateway import check_rate
 from deployments.turns import OpenTurn, collect, open_turn, turn_from_complete
 from pacore.errors import BadRequestError, PACoreError, ValidationError
+from pacore.metrics import record_error
 from pacore.protocol import CompleteBody
 
 router = APIRouter(tags=["completions"])
@@ -45,9 +46,11 @@ async def _sse_events(opened: OpenTurn) -> AsyncIterator[bytes]:
         assert opened.done is not None
         yield sse(done_payload(opened.started, opened.done), "done")
     except PACoreError as exc:
+        record_error(exc.type)
         yield sse(exc.to_wire(), "error")
     except Exception:
         logger.exception("stream failed")
+        record_error(PACoreError.type)
         yield sse(PACoreError("internal error").to_wire(), "error")
     finally:
         await opened.aclose()
@@ -109,6 +112,7 @@ async def _serve_one(websocket: WebSocket, gw: Any, user_id: str, raw: str) -> N
 
 
 async def _send_error(websocket: WebSocket, exc: PACoreError) -> None:
+    record_error(exc.type)
     await websocket.send_json({"type": "error", **exc.to_wire()})
 
 
