@@ -19,6 +19,7 @@ from deployments.framing import openai_chunk, tool_call_dicts
 from deployments.gateway import check_rate
 from deployments.turns import OpenTurn, collect, open_turn
 from pacore.errors import BadRequestError, NotFoundError, PACoreError
+from pacore.metrics import record_error
 from pacore.orchestrator import TurnRequest
 from pacore.protocol import (
     ChatCompletionRequest,
@@ -130,6 +131,7 @@ async def _openai_stream(opened: OpenTurn, model: str, include_usage: bool) -> A
 def _error_frame(exc: PACoreError) -> bytes:
     import json
 
+    record_error(exc.type)
     return f"data: {json.dumps(exc.to_wire())}\n\n".encode()
 
 
