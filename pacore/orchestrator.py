@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pacore.errors import NotFoundError, PACoreError
+from pacore.metrics import record_first_token, record_provider_error, record_turn
 from pacore.routing import (
     QueryClassifier,
     Residency,
@@ -186,6 +188,7 @@ class Orchestrator:
             async for target, chunk in self._call_with_fallback(user_id, decision, request):
                 if answer.first:
                     answer.first = False
+                    record_first_token(target.kind, target.model, time.perf_counter() - started)
                     yield TurnStarted(
                         turn.request_id, conversation_id, target.provider, target.model,
                         decision.reason if target == decision.target else
@@ -198,6 +201,8 @@ class Orchestrator:
         finally:
             latency_ms = (time.perf_counter() - started) * 1000
             model = answer.model or target.model or ""
+            record_turn(target.kind, model, answer.usage, latency_ms / 1000,
+                        None if status == "ok" else sys.exc_info()[1])
             if self._usage is not None:
                 self._usage.record(user_id, target.provider, model, answer.usage, latency_ms, status)
         if answer.first:  # the provider ended without a single chunk
@@ -288,6 +293,7 @@ class Orchestrator:
                     yield target, chunk
                 return
             except PACoreError as exc:
+                record_provider_error(target.kind, exc.type)
                 if got_first or i == len(candidates) - 1 or not _may_fall_back(exc):
                     raise
                 logger.warning(
