@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from pacore.agents.bus import Bus, InMemoryBus, RedisBus
-from pacore.agents.hub import AgentHub, HubConfig
+from pacore.agents.hub import AgentHub, HubConfig, LinkClosed
 from pacore.config import Settings
 from pacore.errors import NotFoundError
+from pacore.metrics import agent_link_closed, agent_link_opened
 
 __all__ = ["DEFAULT_OPTIONS", "AgentHubDeployment", "AgentStoreDirectory"]
 
@@ -107,6 +110,25 @@ class AgentHubDeployment(AgentHub):
     async def ping(self) -> None:
         """Readiness, for the gateway's health check: the bus answers."""
         await self.bus.get("ping")
+
+    async def attach(
+        self, agent_id: str, connection_id: str, *, user_id: str
+    ) -> AsyncIterator[str | LinkClosed]:
+        """The hub's ``attach``, counted in the agent-connection metrics once the link is up
+        (a refused link is not a connection)."""
+        opened = False
+        try:
+            async with aclosing(super().attach(  # type: ignore[type-var]
+                agent_id, connection_id, user_id=user_id
+            )) as items:
+                async for item in items:
+                    if not opened and not isinstance(item, LinkClosed):
+                        opened = True
+                        agent_link_opened()
+                    yield item
+        finally:
+            if opened:
+                agent_link_closed()
 
     async def aclose(self) -> None:
         """Close the bus and the database (a replica's process exit does it too)."""
