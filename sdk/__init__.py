@@ -19,9 +19,9 @@ from sdk._base import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
-    VERSION,
     CompleteOptions,
 )
+from sdk._base import VERSION as __version__
 from sdk._client import Client
 from sdk._exceptions import (
     AuthenticationError,
@@ -66,8 +66,6 @@ from sdk._models import (
     UserSettings,
 )
 from sdk._streaming import AsyncCompletionStream, CompletionStream
-
-__version__ = VERSION
 
 __all__ = [
     "DEFAULT_BASE_URL",
