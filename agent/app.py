@@ -57,6 +57,7 @@ __all__ = [
     "LocalModels",
     "build_app",
     "detect_hardware",
+    "engine_apps",
     "unwrap_error",
 ]
 
@@ -84,16 +85,20 @@ class LocalModel:
 
     @staticmethod
     def deployment_options(spec: ModelConfig) -> dict[str, Any]:
+        # A self-hosted model's engine has a deployment (and the CPUs and GPUs) of its own.
+        actor = {"num_cpus": 0.05} if spec.self_hosted else {
+            "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus
+        }
         return {
             "name": _deployment_name(spec.name),
-            "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            "ray_actor_options": actor,
             "max_ongoing_requests": spec.max_concurrency,
             "num_replicas": 1,
         }
 
     def _upstream(self, request: CompletionRequest) -> CompletionRequest:
         # Callers name the model by its configured name; the upstream knows its own id.
-        return request.model_copy(update={"model": self.spec.model or self.spec.name})
+        return request.model_copy(update={"model": self.spec.upstream_model})
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
         result = await self.provider.complete(self._upstream(request))
@@ -327,6 +332,18 @@ def build_app(config: AgentConfig) -> Any:
     return ingress.bind(config.models, handles)
 
 
+def engine_apps(config: AgentConfig) -> dict[str, Any]:
+    """The engine of each self-hosted model, as a Serve application of its own."""
+    models = [m for m in config.models if m.self_hosted]
+    if not models:
+        return {}
+    from deployments.selfhosted import bind_self_hosted  # loads engine code only when needed
+
+    return {
+        m.engine_app: bind_self_hosted([m.engine_spec()])[m.name] for m in models
+    }
+
+
 class LocalApp:
     """The running local app: Ray started (unless already running), Serve on loopback."""
 
@@ -352,6 +369,8 @@ class LocalApp:
             proxy_location="HeadOnly" if api.enabled else "Disabled",
             http_options={"host": api.host, "port": api.port},
         )
+        for name, engine in engine_apps(config).items():
+            serve.run(engine, name=name, route_prefix=None)
         serve.run(build_app(config), name=APP_NAME, route_prefix="/" if api.enabled else None)
         handles = {
             m.name: serve.get_deployment_handle(_deployment_name(m.name), app_name=APP_NAME)
@@ -367,6 +386,9 @@ class LocalApp:
     def stop(self) -> None:
         try:
             serve.delete(APP_NAME)
+            for m in self.config.models:
+                if m.self_hosted:
+                    serve.delete(m.engine_app)
         finally:
             if self._owns_ray:
                 serve.shutdown()

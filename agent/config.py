@@ -11,9 +11,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from pacore.engines.config import SelfHostedModel
 from pacore.errors import BadRequestError
 from pacore.providers.base import ProviderConfig
 
@@ -57,27 +59,70 @@ class ModelConfig(_Strict):
     )
     kind: ModelKind = Field(
         description="openai-compatible (LM Studio, llama.cpp, vLLM's server), ollama, "
-        "cpu (in-process engine) or vllm (in-process engine on a GPU)"
+        "cpu (transformers engine on this machine) or vllm (vLLM engine on this machine's GPU)"
     )
     base_url: str | None = Field(
         default=None, pattern=r"^https?://", description="the server's URL (HTTP kinds)"
     )
     model: str | None = Field(
-        default=None, description="the upstream model id or local model path; default: name"
+        default=None,
+        description="HTTP kinds: the server's model id; cpu/vllm: the weights' local directory "
+        "or hub id. Default: name",
     )
     api_key: SecretStr | None = Field(default=None, description="if the local server wants one")
     context_length: int | None = Field(default=None, ge=1, description="announced to the cloud")
-    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific options")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HTTP kinds: the provider adapter's options; cpu/vllm: further fields of "
+        "the engine's SelfHostedModel (device, max_tokens, tokenizer, engine_kwargs, …)",
+    )
     timeout_s: float = Field(default=300.0, gt=0, description="read timeout for one call")
     num_cpus: float = Field(default=0.25, ge=0, description="Ray CPUs for this model's replica")
     num_gpus: float = Field(default=0, ge=0, description="Ray GPUs for this model's replica")
     max_concurrency: int = Field(default=64, ge=1, description="requests in flight at once")
 
+    @property
+    def self_hosted(self) -> bool:
+        """Runs in an engine on this machine rather than behind a server's URL."""
+        return self.kind in ("cpu", "vllm")
+
+    @property
+    def engine_app(self) -> str:
+        """The local Serve application of this model's engine (self-hosted kinds)."""
+        return f"pacore-agent-engine-{self.name}"
+
+    @property
+    def upstream_model(self) -> str:
+        """The name the provider adapter is asked for: the engine's model name for self-hosted
+        kinds, the server's model id otherwise."""
+        return self.name if self.self_hosted else (self.model or self.name)
+
     @model_validator(mode="after")
-    def _needs_url(self) -> ModelConfig:
-        if self.kind in ("openai-compatible", "ollama") and not self.base_url:
+    def _complete(self) -> ModelConfig:
+        if not self.self_hosted and not self.base_url:
             raise ValueError(f"model '{self.name}' of kind {self.kind} needs a base_url")
+        if self.self_hosted:
+            try:
+                self.engine_spec()
+            except pydantic.ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "model"
+                raise ValueError(f"model '{self.name}': {where}: {first['msg']}") from None
         return self
+
+    def engine_spec(self) -> SelfHostedModel:
+        """The engine's configuration (self-hosted kinds): one replica on this machine."""
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "engine": self.kind,
+            "model": self.model or self.name,
+            "context_length": self.context_length,
+            "num_cpus": self.num_cpus or None,
+            "num_gpus": self.num_gpus or None,
+            "num_replicas": 1,
+            **self.options,
+        }
+        return SelfHostedModel.model_validate(fields)
 
     def provider_config(self) -> ProviderConfig:
         return ProviderConfig(
@@ -85,8 +130,9 @@ class ModelConfig(_Strict):
             name=self.name,
             api_key=self.api_key,
             base_url=self.base_url,
-            default_model=self.model or self.name,
-            options=self.options,
+            default_model=self.upstream_model,
+            # Self-hosted providers find their engine's deployment in this application.
+            options={"app": self.engine_app} if self.self_hosted else self.options,
             timeout_s=self.timeout_s,
         )
 

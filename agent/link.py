@@ -161,6 +161,8 @@ class AgentLink:
         """One connection, from dialling to its end; returns why it ended."""
         ws = await self._dial()
         self._ws = ws
+        if self._stopping.is_set():  # stop() came while dialling, when there was no socket
+            await ws.close(1001, "agent shutting down")
         try:
             await self._send(Hello(
                 agent_version=self.version,

@@ -21,6 +21,7 @@ from pacore.agents.protocol import CLOSE_UNAUTHORIZED
 from pacore.testing.openai_server import OpenAIServer
 
 MODEL = "office-llm"
+TINY = "tiny-cpu"
 
 
 def free_port() -> int:
@@ -44,7 +45,24 @@ def docs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def agent_config(upstream: OpenAIServer, docs_root: Path) -> AgentConfig:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any] | None:
+    """A tiny random-weight Llama for the agent's ``cpu`` kind, when the cpu extra is here."""
+    try:
+        from pacore.testing.tiny_model import build_tiny_llama
+
+        path = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    except ImportError:
+        return None
+    return {
+        "name": TINY, "kind": "cpu", "model": str(path), "num_cpus": 0.1,
+        "options": {"device": "cpu", "max_tokens": 8},
+    }
+
+
+@pytest.fixture(scope="session")
+def agent_config(
+    upstream: OpenAIServer, docs_root: Path, tiny_model: dict[str, Any] | None
+) -> AgentConfig:
     return AgentConfig.model_validate({
         "cloud_url": "http://127.0.0.1:9",  # each test points its link at its own gateway
         "agent_token": "unused",
@@ -53,7 +71,7 @@ def agent_config(upstream: OpenAIServer, docs_root: Path) -> AgentConfig:
             "name": MODEL, "kind": "openai-compatible", "base_url": upstream.base_url,
             "model": "qwen-local", "context_length": 4096, "num_cpus": 0.05,
             "options": {"retry_base_delay_s": 0.01},
-        }],
+        }, *([tiny_model] if tiny_model else [])],
         "tools": {"file_read": {"root": str(docs_root)}},
         "local_api": {"enabled": True, "port": free_port()},
         "runtime": {"num_cpus": 2},

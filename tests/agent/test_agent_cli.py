@@ -44,8 +44,14 @@ def test_model_kinds_map_to_provider_kinds() -> None:
     })
     configs = [m.provider_config() for m in cfg.models]
     assert [c.kind for c in configs] == ["custom", "ollama", "cpu", "vllm"]
-    assert [c.default_model for c in configs] == ["lmstudio", "llama3:8b", "/models/tiny",
-                                                  "/models/big"]
+    # HTTP kinds ask their server for its model id; engines are asked for the model by name,
+    # and find their engine's deployment in its own local application.
+    assert [c.default_model for c in configs] == ["lmstudio", "llama3:8b", "tiny", "big"]
+    assert configs[2].options == {"app": "pacore-agent-engine-tiny"}
+    engine = cfg.models[3].engine_spec()
+    assert (engine.engine, engine.model, engine.num_gpus, engine.num_replicas) == (
+        "vllm", "/models/big", 1, 1
+    )
 
 
 def _write(path: Path, data: dict[str, Any]) -> Path:
@@ -67,6 +73,11 @@ def test_invalid_configurations_are_explained(tmp_path: Path) -> None:
          "not a directory"),
         ({"cloud_url": "https://c.example", "tools": {"http_get": {"allow_hosts": []}}},
          "allow_hosts"),
+        ({"cloud_url": "https://c.example", "models": [
+            {"name": "m", "kind": "cpu", "options": {"tensor_parallel_size": 2}}]},
+         "engine 'vllm' only"),
+        ({"cloud_url": "https://c.example", "models": [
+            {"name": "m", "kind": "cpu", "options": {"colour": "blue"}}]}, "colour"),
     ]
     for data, needle in cases:
         with pytest.raises(ConfigError) as info:

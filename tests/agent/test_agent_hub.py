@@ -46,7 +46,8 @@ from pacore.errors import (
 from pacore.testing.openai_server import OpenAIServer, Scripted
 from pacore.types import CompletionRequest, Message
 
-MODEL = "office-llm"  # the model the session's agent configuration names
+MODEL = "office-llm"  # the session agent's default model (conftest's agent_config)
+TINY = "tiny-cpu"  # its model on its own cpu engine, when the cpu extra is installed
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HUB = HubConfig(ping_interval_s=0.2, missed_pongs=3, liveness_check_s=0.3, idle_timeout_s=30,
                 request_timeout_s=60)
@@ -117,6 +118,7 @@ class Env:
     gateway: Any  # the gateway double holding the agent's socket
     link: AgentLink
     task: asyncio.Task[None]
+    models: list[str]  # what the agent serves, its default first
 
     async def connected(self) -> bool:
         found = await self.hub.presence("user-a", ["agent-a"])
@@ -138,7 +140,7 @@ async def env(
     await gateway.start()
     link = make_link(agent_config, local_app, gateway.url, "tok-a")
     task = asyncio.create_task(link.run())
-    e = Env(AgentHub(buses.caller, HUB), gateway, link, task)
+    e = Env(AgentHub(buses.caller, HUB), gateway, link, task, [m.name for m in agent_config.models])
     await eventually(e.connected)
     yield e
     await _stop(link, task)
@@ -189,6 +191,17 @@ async def test_the_model_limit_and_errors_come_through(env: Env, upstream: OpenA
     assert bad.value.provider == "agent:agent-a"
 
 
+async def test_a_model_on_the_agents_own_engine(env: Env) -> None:
+    if TINY not in env.models:
+        pytest.skip("the cpu extra (transformers, torch) is not installed")
+    whole = await env.hub.complete("user-a", "agent-a", ask(model=TINY, max_tokens=4))
+    assert whole.finish_reason in ("length", "stop")
+    assert 1 <= whole.usage.completion_tokens <= 4
+    chunks = [c async for c in env.hub.stream("user-a", "agent-a", ask(model=TINY, max_tokens=4))]
+    assert "".join(c.content for c in chunks) == whole.content  # greedy: the same answer
+    assert chunks[-1].finish_reason == whole.finish_reason
+
+
 # --------------------------------------------------------------------------- who may use it
 
 
@@ -209,16 +222,17 @@ async def test_another_users_agent_is_not_found(env: Env) -> None:
             pass
     assert (await env.hub.presence("user-b", ["agent-a"]))["agent-a"].connected is False
     assert await env.hub.connected_agents("user-b") == []
-    assert await env.hub.connected_agents("user-a") == [("agent-a", [MODEL])]
+    assert await env.hub.connected_agents("user-a") == [("agent-a", env.models)]
     assert await env.connected()  # the refused revoke left the link alone
 
 
 async def test_presence_and_health(env: Env) -> None:
     seen = (await env.hub.presence("user-a", ["agent-a"]))["agent-a"]
     assert seen.connected and seen.last_seen is not None
-    assert seen.capabilities["models"] == [
-        {"id": MODEL, "kind": "openai-compatible", "context_length": 4096}
-    ]
+    assert seen.capabilities["models"][0] == {
+        "id": MODEL, "kind": "openai-compatible", "context_length": 4096
+    }
+    assert [m["id"] for m in seen.capabilities["models"]] == env.models
     assert [t["name"] for t in seen.capabilities["tools"]] == ["file_read"]
     assert seen.capabilities["hardware"]["cpus"] >= 1
     health = await env.hub.health("user-a", "agent-a")

@@ -10,6 +10,7 @@ from typing import Any
 import openai
 import pytest
 
+from agent.config import AgentConfig
 from pacore.testing.openai_server import OpenAIServer, Scripted, ScriptedToolCall
 
 MODEL = "office-llm"
@@ -27,9 +28,9 @@ async def client(local_app: Any) -> AsyncIterator[openai.AsyncOpenAI]:
         yield c
 
 
-async def test_models_are_listed(client: openai.AsyncOpenAI) -> None:
+async def test_models_are_listed(client: openai.AsyncOpenAI, agent_config: AgentConfig) -> None:
     models = await client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [m.name for m in agent_config.models]
 
 
 async def test_chat_completion(client: openai.AsyncOpenAI, upstream: OpenAIServer) -> None:
