@@ -81,7 +81,8 @@ class LocalModel:
 
     def __init__(self, spec: ModelConfig) -> None:
         self.spec = spec
-        self.provider = provider_class(spec.provider_config().kind)(spec.provider_config())
+        config = spec.provider_config()
+        self.provider = provider_class(config.kind)(config)
 
     @staticmethod
     def deployment_options(spec: ModelConfig) -> dict[str, Any]:
