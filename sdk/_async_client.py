@@ -61,7 +61,8 @@ class AsyncClient:
     ``base_url`` and ``token`` default to the ``PACORE_URL`` and ``PACORE_TOKEN`` environment
     variables (and the URL to ``http://127.0.0.1:8000``). ``timeout`` is in seconds or an
     ``httpx.Timeout``; every method also takes ``timeout=`` for itself. Requests the server
-    refuses with 429/503 are retried ``max_retries`` times (see :mod:`sdk._base`)::
+    refuses with 429/503 are retried ``max_retries`` times, after its ``retry-after`` or a
+    jittered backoff; a completion that may have started is never sent twice::
 
         async with AsyncClient() as client:
             answer = await client.complete("What is Ray Serve?")
@@ -81,7 +82,7 @@ class AsyncClient:
         self.base_url = resolve_base_url(base_url)
         #: The bearer token sent with every request; assign a new one (e.g. after login).
         self.token = resolve_token(token)
-        self.retry = RetryPolicy(max_retries=max_retries)
+        self._retry = RetryPolicy(max_retries=max_retries)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=timeout, headers=default_headers(headers)
@@ -144,13 +145,13 @@ class AsyncClient:
             try:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                delay = self.retry.delay_after_failure(attempt, exc, call)
+                delay = self._retry.delay_after_failure(attempt, exc, call)
                 if delay is None:
                     raise error_for_transport(exc, self.base_url) from None
             else:
                 if response.is_success or response.status_code in call.accept:
                     return response
-                delay = self.retry.delay_after_status(attempt, response)
+                delay = self._retry.delay_after_status(attempt, response)
                 await response.aread()
                 await response.aclose()
                 if delay is None:

@@ -129,7 +129,8 @@ class _StreamView:
         """The conversation the answer belongs to, known from the first byte on."""
         if self._state.done is not None:
             return self._state.done.conversation_id
-        return self._state.response.headers.get("x-pacore-conversation-id")
+        header: str | None = self._state.response.headers.get("x-pacore-conversation-id")
+        return header
 
     @property
     def request_id(self) -> str | None:
