@@ -251,11 +251,10 @@ def _stream_answer(
             for chunk in stream:
                 if not chunk.content:
                     continue
+                spinner.stop()
                 if prefix:
-                    spinner.stop()
                     out.print(prefix, end="")
                     prefix = ""
-                spinner.stop()
                 sys.stdout.write(chunk.content)
                 sys.stdout.flush()
                 ended_with_newline = chunk.content.endswith("\n")
