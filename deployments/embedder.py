@@ -71,6 +71,9 @@ class EmbedderDeployment:
             batch_wait_timeout_s=settings.embedding_batch_wait_s,
         )(self._encode_batch)
 
+    DEFAULT_OPTIONS = DEFAULT_OPTIONS
+    options_for = staticmethod(options_for)
+
     def set_max_batch_size(self, size: int) -> None:
         self._encode_one.set_max_batch_size(size)  # type: ignore[attr-defined]
 
@@ -101,6 +104,9 @@ class EmbedderDeployment:
         """Tokens per text as the model counts them (for usage reports and budgets)."""
         checked = _texts(texts)
         return await asyncio.to_thread(lambda: [self.embedder.count_tokens(t) for t in checked])
+
+    async def ping(self) -> None:
+        """Health probe: the model loaded with the replica, so a replica that answers is ready."""
 
     async def info(self) -> dict[str, Any]:
         e = self.embedder

@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "pacore.cli.server",
     "pacore.cli.admin",
     "pacore.cli.client",
+    "pacore.cli.memory",
 ]
 
 

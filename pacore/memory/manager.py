@@ -1,0 +1,520 @@
+"""MemoryManager: conversations in SQL (the truth) and their vectors (derived), kept in step.
+
+A turn is written to SQL on the caller's path; embedding and indexing it happens in a background
+task, retried with backoff, so a slow or failing embedder never holds a response back (and a
+lost vector is restored by :meth:`MemoryManager.reindex`). Searches go to the vector index and
+are then hydrated from SQL, so a deleted message or another user's message can never surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+
+from pacore.memory.vector import IndexFilter, VectorHit, VectorIndex, VectorPoint
+from pacore.protocol import MemorySearchFilters, MemorySearchResult
+from pacore.types import Message, Usage
+
+if TYPE_CHECKING:
+    from pacore.config import Settings
+    from pacore.db.stores.conversations import ConversationStore
+    from pacore.db.stores.records import ConversationRecord, MessageRecord
+
+__all__ = [
+    "EmbedFn",
+    "MemoryContext",
+    "MemoryManager",
+    "TextEmbedder",
+    "as_text_embedder",
+]
+
+logger = logging.getLogger("pacore.memory")
+
+Vector = list[float]
+EmbedFn = Callable[[list[str]], Awaitable[list[list[Vector]]]]
+
+_INDEX_RETRIES = 5
+_INDEX_BACKOFF_S = 0.5
+_INDEX_BACKOFF_MAX_S = 30.0
+_REINDEX_BATCH = 128
+_MIN_SNIPPET_TOKENS = 16
+_SEPARATOR = "\n\n"
+_CONTEXT_HEADER = (
+    "Relevant excerpts from the user's earlier conversations, most relevant first. "
+    "Use them only where they help answer the current request."
+)
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """What the manager needs from an embedder (:class:`~pacore.memory.embedder.Embedder` and
+    the Embedder deployment are ones; a Serve handle is wrapped into one)."""
+
+    async def embed_chunks(self, texts: Sequence[str]) -> list[list[tuple[str, Vector]]]:
+        """Each text's windows with their vectors."""
+        ...
+
+    async def embed_queries(self, texts: Sequence[str]) -> list[Vector]: ...
+
+
+class _CallableEmbedder:
+    """An async ``texts -> vectors per chunk of each text`` function as a TextEmbedder. It does
+    not say where its windows fall, so each window's text is taken as the same share of the
+    message; a query is its first window, which is what the model reads of a long query."""
+
+    def __init__(self, fn: EmbedFn) -> None:
+        self._fn = fn
+
+    async def embed_chunks(self, texts: Sequence[str]) -> list[list[tuple[str, Vector]]]:
+        vectors = await self._fn(list(texts))
+        return [
+            [(_share(text, i, len(vs)), v) for i, v in enumerate(vs)]
+            for text, vs in zip(texts, vectors, strict=True)
+        ]
+
+    async def embed_queries(self, texts: Sequence[str]) -> list[Vector]:
+        return [chunks[0] for chunks in await self._fn(list(texts))]
+
+
+def _share(text: str, i: int, n: int) -> str:
+    return text if n <= 1 else text[len(text) * i // n : len(text) * (i + 1) // n]
+
+
+def as_text_embedder(embed: TextEmbedder | EmbedFn) -> TextEmbedder:
+    if isinstance(embed, TextEmbedder):
+        return embed
+    return _CallableEmbedder(embed)
+
+
+class MemoryContext(NamedTuple):
+    """What :meth:`MemoryManager.context_for` found: the system message to inject (None when
+    nothing relevant) and the ``(message_id, score)`` it was built from."""
+
+    system_text: str | None
+    refs: list[tuple[str, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    hit: VectorHit
+    record: MessageRecord
+
+
+class MemoryManager:
+    def __init__(
+        self,
+        store: ConversationStore,
+        index: VectorIndex,
+        embed: TextEmbedder | EmbedFn,
+        settings: Settings,
+    ) -> None:
+        self._store = store
+        self._index = index
+        self._embedder = as_text_embedder(embed)
+        self._settings = settings
+        counter = getattr(embed, "count_tokens", None)
+        self._count_tokens: Callable[[str], int] = (
+            counter
+            if callable(counter) and not asyncio.iscoroutinefunction(counter)
+            else _estimate_tokens
+        )
+        # Background indexing tasks, by conversation, so deletes and tag edits can wait for
+        # the vectors they must change to exist first.
+        self._pending: dict[asyncio.Task[None], str] = {}
+
+    @property
+    def index(self) -> VectorIndex:
+        return self._index
+
+    # ------------------------------------------------------------------ writing turns
+
+    async def store_turn(
+        self,
+        user_id: str,
+        conversation_id: str | None,
+        messages: Sequence[Message],
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        usage: Usage | None = None,
+        latency_ms: float | None = None,
+        tags: Sequence[str] | None = None,
+        new: bool = False,
+    ) -> tuple[str, list[str]]:
+        """Append a turn to its conversation and return ``(conversation_id, ids of the stored
+        messages)``. The conversation is a new one when ``conversation_id`` is None, or when
+        ``new`` says the caller chose its id (the Router announces it before the turn is stored).
+
+        Messages a client sends again (OpenAI-style clients resend the whole history) are
+        recognised as the stored tail of the conversation and not stored twice. The provider is
+        recorded on every message of the turn; model, tokens and latency on the answer.
+        """
+        from pacore.db.stores.records import NewMessage
+
+        fresh_conversation = new or conversation_id is None
+        conversation = await self._conversation_for(user_id, conversation_id, tags, new)
+        fresh = await self._unstored(user_id, conversation.id, messages, fresh_conversation)
+        if not fresh:
+            return conversation.id, []
+        usage = usage or Usage()
+        answer = max((i for i, m in enumerate(fresh) if m.role == "assistant"), default=None)
+        rows = []
+        for i, message in enumerate(fresh):
+            meta: dict[str, Any] = {"provider": provider}
+            if i == answer:
+                meta.update(
+                    model=model,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    latency_ms=latency_ms,
+                )
+            rows.append(NewMessage.from_message(message, **meta))
+        records = await self._store.add_messages(user_id, conversation.id, rows)
+        self._index_later(conversation.id, records)
+        return conversation.id, [r.id for r in records]
+
+    async def _conversation_for(
+        self, user_id: str, conversation_id: str | None, tags: Sequence[str] | None, new: bool
+    ) -> ConversationRecord:
+        if new and conversation_id is not None:
+            return await _create_with_id(self._store, user_id, conversation_id, tags)
+        if conversation_id is None or not tags:
+            return await self._store.ensure(user_id, conversation_id, tags)
+        before = await self._store.get(user_id, conversation_id, with_messages=False)
+        after = await self._store.ensure(user_id, conversation_id, tags)
+        if after.tags != before.tags:  # the turn added tags: its vectors carry them too
+            await self._settle(conversation_id)
+            await self._index.set_conversation_tags(user_id, conversation_id, after.tags)
+        return after
+
+    async def _unstored(
+        self, user_id: str, conversation_id: str, messages: Sequence[Message], new: bool
+    ) -> list[Message]:
+        """``messages`` without the leading ones that repeat the conversation's stored tail."""
+        if new or len(messages) < 2:
+            return list(messages)
+        stored = await self._store.recent_messages(user_id, conversation_id, len(messages) - 1)
+        keys = [(m.role, m.content) for m in stored]
+        incoming = [(m.role, m.text()) for m in messages]
+        for k in range(min(len(keys), len(messages) - 1), 0, -1):
+            if keys[-k:] == incoming[:k]:
+                return list(messages[k:])
+        return list(messages)
+
+    def _index_later(self, conversation_id: str, records: Sequence[MessageRecord]) -> None:
+        task = asyncio.get_running_loop().create_task(self._index_with_retry(list(records)))
+        self._pending[task] = conversation_id
+        task.add_done_callback(self._pending.pop)
+
+    async def _index_with_retry(self, records: list[MessageRecord]) -> None:
+        delay = _INDEX_BACKOFF_S
+        for attempt in range(1, _INDEX_RETRIES + 1):
+            try:
+                await self._index_records(records)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if attempt == _INDEX_RETRIES:
+                    logger.exception(
+                        "indexing %d messages failed %d times; `pacore memory reindex` restores "
+                        "them",
+                        len(records),
+                        attempt,
+                    )
+                    return
+                logger.warning("indexing failed (attempt %d), retrying in %.1fs", attempt, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _INDEX_BACKOFF_MAX_S)
+
+    async def _index_records(self, records: Sequence[MessageRecord]) -> int:
+        """Embed and upsert ``records`` (those with text); returns the points written."""
+        todo = [r for r in records if r.content.strip()]
+        if not todo:
+            return 0
+        chunked = await self._embedder.embed_chunks([r.content for r in todo])
+        points = [
+            VectorPoint(
+                message_id=r.id,
+                chunk=i,
+                vector=vector,
+                user_id=r.user_id,
+                conversation_id=r.conversation_id,
+                role=r.role,
+                provider=r.provider,
+                created_at=r.created_at.timestamp(),
+                tags=r.tags,
+                content=text,
+            )
+            for r, chunks in zip(todo, chunked, strict=True)
+            for i, (text, vector) in enumerate(chunks)
+        ]
+        await self._index.upsert(points)
+        return len(points)
+
+    async def flush(self) -> None:
+        """Wait until every turn stored so far is indexed (or has given up retrying)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def _settle(self, conversation_id: str) -> None:
+        tasks = [t for t, c in self._pending.items() if c == conversation_id]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ reading
+
+    async def search(
+        self,
+        user_id: str,
+        query: str,
+        limit: int = 10,
+        filters: MemorySearchFilters | None = None,
+    ) -> list[MemorySearchResult]:
+        """The user's messages nearest in meaning to ``query``, best first."""
+        [vector] = await self._embedder.embed_queries([query])
+        found = await self._hydrated(user_id, vector, limit, _index_filter(filters))
+        return [_result(c) for c in found[:limit]]
+
+    async def _hydrated(
+        self, user_id: str, vector: Sequence[float], limit: int, flt: IndexFilter | None
+    ) -> list[_Candidate]:
+        hits = await self._index.search(vector, user_id=user_id, limit=limit, filters=flt)
+        records = await self._store.messages_by_ids(user_id, [h.message_id for h in hits])
+        orphans = [h.message_id for h in hits if h.message_id not in records]
+        if orphans:  # vectors of messages deleted while they were being indexed
+            await self._index.delete_messages(user_id, orphans)
+        return [_Candidate(h, records[h.message_id]) for h in hits if h.message_id in records]
+
+    async def context_for(
+        self,
+        user_id: str,
+        query_messages: Sequence[Message],
+        conversation_id: str | None = None,
+        *,
+        vector: Sequence[float] | None = None,
+    ) -> MemoryContext:
+        """The memory to put before the prompt: up to ``memory_top_k`` messages scoring at least
+        ``memory_min_score``, within ``memory_token_budget`` tokens, leaving out what the prompt
+        already holds. ``vector`` is the query's embedding when the caller already has it."""
+        s = self._settings
+        query = _query_text(query_messages)
+        if s.memory_top_k == 0 or s.memory_token_budget == 0 or not query.strip():
+            return MemoryContext(None, [])
+        if vector is None:
+            [vector] = await self._embedder.embed_queries([query])
+        in_prompt = {_norm(m.text()) for m in query_messages if m.text().strip()}
+        exclude = await self._in_prompt_ids(user_id, conversation_id, query_messages, in_prompt)
+        flt = IndexFilter(exclude_message_ids=frozenset(exclude))
+        found = await self._hydrated(user_id, vector, s.memory_top_k * 2, flt)
+        chosen = [
+            c
+            for c in found
+            if c.hit.score >= s.memory_min_score and _norm(c.record.content) not in in_prompt
+        ][: s.memory_top_k]
+        return self._render(chosen)
+
+    async def _in_prompt_ids(
+        self,
+        user_id: str,
+        conversation_id: str | None,
+        query_messages: Sequence[Message],
+        in_prompt: set[str],
+    ) -> list[str]:
+        if conversation_id is None:
+            return []
+        recent = await self._store.recent_messages(
+            user_id, conversation_id, len(query_messages) + 2
+        )
+        return [m.id for m in recent if _norm(m.content) in in_prompt]
+
+    def _render(self, chosen: list[_Candidate]) -> MemoryContext:
+        budget = self._settings.memory_token_budget - self._count_tokens(_CONTEXT_HEADER)
+        lines: list[str] = []
+        refs: list[tuple[str, float]] = []
+        for c in chosen:
+            head = _snippet_head(c.record)
+            room = budget - self._count_tokens(head)
+            if room < _MIN_SNIPPET_TOKENS:
+                break
+            text = c.record.content
+            if self._count_tokens(text) > room:
+                text = self._fit(c.hit.content or text, room)
+            line = head + text
+            lines.append(line)
+            refs.append((c.record.id, c.hit.score))
+            budget -= self._count_tokens(line + _SEPARATOR)
+        if not lines:
+            return MemoryContext(None, [])
+        return MemoryContext(_SEPARATOR.join([_CONTEXT_HEADER, *lines]), refs)
+
+    def _fit(self, text: str, tokens: int) -> str:
+        """``text`` cut (at a word where possible) to at most ``tokens`` tokens."""
+        cut = text[: tokens * 4]
+        while cut and self._count_tokens(cut + " …") > tokens:
+            cut = cut[: int(len(cut) * 0.85)]
+        if cut != text:
+            cut = cut.rsplit(" ", 1)[0] if " " in cut[len(cut) // 2 :] else cut
+            cut += " …"
+        return cut
+
+    # ------------------------------------------------------------------ conversations
+
+    async def create_conversation(
+        self, user_id: str, title: str | None = None, tags: Sequence[str] | None = None
+    ) -> ConversationRecord:
+        return await self._store.create(user_id, title=title, tags=tags)
+
+    async def check_conversation(self, user_id: str, conversation_id: str) -> None:
+        """NotFoundError unless the conversation exists and is the user's."""
+        await self._store.get(user_id, conversation_id, with_messages=False)
+
+    async def list_conversations(
+        self, user_id: str, limit: int = 20, cursor: str | None = None, tag: str | None = None
+    ) -> tuple[list[ConversationRecord], str | None]:
+        return await self._store.list(user_id, limit=limit, cursor=cursor, tag=tag)
+
+    async def get_conversation(
+        self, user_id: str, conversation_id: str, with_messages: bool = True
+    ) -> ConversationRecord:
+        return await self._store.get(user_id, conversation_id, with_messages=with_messages)
+
+    async def set_tags(
+        self, user_id: str, conversation_id: str, tags: Sequence[str]
+    ) -> ConversationRecord:
+        """Replace the conversation's tags, in SQL and on its vectors."""
+        record = await self._store.set_tags(user_id, conversation_id, tags)
+        await self._settle(conversation_id)
+        await self._index.set_conversation_tags(user_id, conversation_id, record.tags)
+        return record
+
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> list[str]:
+        """Delete the conversation, its messages and their vectors; returns the message ids."""
+        ids = await self._store.delete(user_id, conversation_id)
+        await self._settle(conversation_id)
+        await self._index.delete_conversation(user_id, conversation_id)
+        await self._index.delete_messages(user_id, ids)
+        return ids
+
+    # ------------------------------------------------------------------ rebuilding
+
+    async def reindex(
+        self,
+        user_id: str | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+        batch: int = _REINDEX_BATCH,
+    ) -> int:
+        """Rebuild the index from SQL (everyone's, or one user's); returns the messages read.
+        ``progress`` is called with the number of messages done after each batch."""
+        await self.flush()
+        if user_id is None:
+            await self._index.reset()
+        else:
+            await self._index.delete_user(user_id)
+        done = 0
+        pending: list[MessageRecord] = []
+        async for record in self._store.iter_messages(batch, user_id=user_id):
+            pending.append(record)
+            if len(pending) >= batch:
+                done += await self._reindex_batch(pending, progress, done)
+                pending = []
+        if pending:
+            done += await self._reindex_batch(pending, progress, done)
+        return done
+
+    async def _reindex_batch(
+        self, records: list[MessageRecord], progress: Callable[[int], None] | None, done: int
+    ) -> int:
+        await self._index_records(records)
+        if progress is not None:
+            progress(done + len(records))
+        return len(records)
+
+    async def close(self) -> None:
+        await self.flush()
+        await self._index.close()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def _create_with_id(
+    store: ConversationStore, user_id: str, conversation_id: str, tags: Sequence[str] | None
+) -> ConversationRecord:
+    """A new conversation under an id the caller chose (the store's ``create`` draws its own)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from pacore.db.models import Conversation
+    from pacore.db.stores._base import clean_tags, integrity_error, utcnow
+    from pacore.db.stores.records import ConversationRecord
+
+    now = utcnow()
+    row = Conversation(
+        id=conversation_id, user_id=user_id, tags=clean_tags(tags), created_at=now, updated_at=now
+    )
+    try:
+        async with store.db.transaction() as session:
+            session.add(row)
+    except IntegrityError as exc:
+        raise integrity_error(exc, "conversation already exists") from None
+    return ConversationRecord(
+        id=row.id, user_id=user_id, title=None, tags=row.tags, created_at=now, updated_at=now
+    )
+
+
+def _estimate_tokens(text: str) -> int:
+    # About four characters per token for English under WordPiece/BPE vocabularies.
+    return len(text) // 4 + 1
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _query_text(messages: Sequence[Message]) -> str:
+    for m in reversed(messages):
+        if m.role == "user" and m.text().strip():
+            return m.text()
+    return messages[-1].text() if messages else ""
+
+
+def _index_filter(f: MemorySearchFilters | None) -> IndexFilter | None:
+    if f is None:
+        return None
+    return IndexFilter(
+        conversation_id=f.conversation_id,
+        provider=f.provider,
+        role=f.role,
+        tags=f.tags or None,
+        since=_epoch(f.since),
+        until=_epoch(f.until),
+    )
+
+
+def _epoch(when: datetime | None) -> float | None:
+    if when is None:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _result(c: _Candidate) -> MemorySearchResult:
+    r = c.record
+    return MemorySearchResult(
+        message_id=r.id,
+        conversation_id=r.conversation_id,
+        role=r.role,
+        content=r.content,
+        score=c.hit.score,
+        provider=r.provider,
+        created_at=r.created_at,
+    )
+
+
+def _snippet_head(r: MessageRecord) -> str:
+    via = f" via {r.provider}" if r.provider and r.role == "assistant" else ""
+    return f"[{r.created_at:%Y-%m-%d}, {r.role}{via}] "
