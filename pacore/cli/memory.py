@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 __all__ = ["register"]
 
-memory_app = typer.Typer(help="Conversation memory (the vector index).", no_args_is_help=True)
+memory_app = typer.Typer(
+    help="Conversation memory: search it, rebuild its vector index.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
