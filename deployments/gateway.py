@@ -68,6 +68,7 @@ class GatewayDeployment:
 def create_app(gateway: Any) -> FastAPI:
     """The HTTP surface of one gateway replica."""
     from deployments.routes import (
+        agents,
         auth,
         completions,
         conversations,
@@ -88,6 +89,7 @@ def create_app(gateway: Any) -> FastAPI:
     app.state.gateway = gateway
     for module in (
         health, auth, providers, settings, completions, openai_compat, memory, conversations,
+        agents,
     ):
         app.include_router(module.router)
     _install_error_handlers(app)
