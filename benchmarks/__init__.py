@@ -1,0 +1,1 @@
+"""Benchmarks of PA Core against a direct call, a bare Ray Serve chain and LiteLLM Proxy."""
