@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,7 +89,9 @@ class Embedder:
                 f"embedding model '{model}' is not available locally",
                 code="embedding_model_unavailable",
             ) from exc
-        self._tokenizer: Any = self._model.tokenizer
+        # Counting and chunking get a tokenizer of their own, so that they never wait for an
+        # encode in progress (which holds the model's).
+        self._tokenizer: Any = copy.deepcopy(self._model.tokenizer)
         # Chunking tokenizes whole documents on purpose; the "longer than the maximum" warning
         # transformers would print for them is about feeding the model, which we never do.
         warned = getattr(self._tokenizer, "deprecation_warnings", None)
@@ -101,7 +104,8 @@ class Embedder:
         self.overlap_tokens = min(overlap_tokens, self.max_tokens // 2)
         self.dimension = int(self._model.get_embedding_dimension() or 0)
         # Fast tokenizers refuse concurrent use from several threads ("Already borrowed").
-        self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
@@ -117,7 +121,7 @@ class Embedder:
         """Embed ``texts`` as they are (truncated to the window): an (n, dimension) float32 array."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._lock:
+        with self._model_lock:
             out = self._model.encode(
                 list(texts),
                 batch_size=batch_size or self.batch_size,
@@ -128,13 +132,13 @@ class Embedder:
         return np.asarray(out, dtype=np.float32)
 
     def count_tokens(self, text: str) -> int:
-        with self._lock:
+        with self._tokenizer_lock:
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chunk(self, text: str) -> list[str]:
         """``text`` cut into windows of at most ``max_tokens`` tokens overlapping by
         ``overlap_tokens``; each window is a slice of the original text, cut between words."""
-        with self._lock:
+        with self._tokenizer_lock:
             enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets: list[tuple[int, int]] = enc["offset_mapping"]
         if len(offsets) <= self.max_tokens:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -117,6 +119,16 @@ async def test_encoding_does_not_block_the_event_loop(embedder: Embedder) -> Non
     await embedder.embed_documents(["word " * 2000] * 4)
     task.cancel()
     assert ticks > 5
+
+
+def test_counting_tokens_does_not_wait_for_an_encode(embedder: Embedder) -> None:
+    worker = threading.Thread(target=embedder.encode, args=(["many words " * 120] * 96,))
+    worker.start()
+    while worker.is_alive() and not embedder._model_lock.locked():  # until the encode starts
+        time.sleep(0.001)
+    assert embedder.count_tokens("how many tokens is this") == 6
+    assert embedder._model_lock.locked()  # answered while the encode was still running
+    worker.join()
 
 
 async def test_non_string_input_is_a_bad_request(embedder: Embedder) -> None:
