@@ -183,7 +183,10 @@ def check_rate(gateway: Any, user_id: str) -> None:
 
 
 class RequestIdMiddleware:
-    """Every response carries ``x-request-id`` (the client's, when it sent a sane one)."""
+    """Every request has an id (``request.state.request_id``) and every response carries it in
+    ``x-request-id``. Serve's ingress assigns one (or keeps a sane one the client sent) and
+    echoes it on the response itself; only a request that arrives without one gets a new id
+    here, and the header added."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -192,8 +195,12 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        rid = _incoming_id(scope) or "req_" + uuid.uuid4().hex
+        incoming = _incoming_id(scope)
+        rid = incoming or "req_" + uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        if incoming is not None:
+            await self.app(scope, receive, send)
+            return
         raw = rid.encode()
 
         async def send_with_id(message: Message) -> None:

@@ -102,6 +102,8 @@ def _start(console: Any, settings: Any, args: Any, num_cpus: float | None) -> tu
 
     with console.status("starting Ray …"):
         init: dict[str, Any] = {
+            # Always a Ray instance of its own, never one a `ray start` left on this machine.
+            "address": "local",
             "include_dashboard": False,
             "namespace": "pacore",
             "logging_level": "WARNING",

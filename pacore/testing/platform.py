@@ -63,8 +63,11 @@ class LocalPlatform:
         from deployments.app import build_app
 
         if not ray.is_initialized():
+            # "local": a Ray instance of its own, even when another one on this machine was
+            # started with `ray start` (ray.init would otherwise join that one).
             ray.init(
-                num_cpus=self.num_cpus, include_dashboard=False, namespace="pacore-test",
+                address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                namespace="pacore-test",
                 _node_ip_address="127.0.0.1", logging_level="WARNING",
             )
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
