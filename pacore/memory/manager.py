@@ -181,7 +181,7 @@ class MemoryManager:
         self, user_id: str, conversation_id: str | None, tags: Sequence[str] | None, new: bool
     ) -> ConversationRecord:
         if new and conversation_id is not None:
-            return await _create_with_id(self._store, user_id, conversation_id, tags)
+            return await self._store.create(user_id, tags=tags, conversation_id=conversation_id)
         if conversation_id is None or not tags:
             return await self._store.ensure(user_id, conversation_id, tags)
         before = await self._store.get(user_id, conversation_id, with_messages=False)
@@ -443,28 +443,6 @@ class MemoryManager:
 # ---------------------------------------------------------------------- helpers
 
 
-async def _create_with_id(
-    store: ConversationStore, user_id: str, conversation_id: str, tags: Sequence[str] | None
-) -> ConversationRecord:
-    """A new conversation under an id the caller chose (the store's ``create`` draws its own)."""
-    from sqlalchemy.exc import IntegrityError
-
-    from pacore.db.models import Conversation
-    from pacore.db.stores._base import clean_tags, integrity_error, utcnow
-    from pacore.db.stores.records import ConversationRecord
-
-    now = utcnow()
-    row = Conversation(
-        id=conversation_id, user_id=user_id, tags=clean_tags(tags), created_at=now, updated_at=now
-    )
-    try:
-        async with store.db.transaction() as session:
-            session.add(row)
-    except IntegrityError as exc:
-        raise integrity_error(exc, "conversation already exists") from None
-    return ConversationRecord(
-        id=row.id, user_id=user_id, title=None, tags=row.tags, created_at=now, updated_at=now
-    )
 
 
 def _estimate_tokens(text: str) -> int:

@@ -68,11 +68,18 @@ def _conversation(
 
 class ConversationStore(StoreBase):
     async def create(
-        self, user_id: str, title: str | None = None, tags: Sequence[str] | None = None
+        self,
+        user_id: str,
+        title: str | None = None,
+        tags: Sequence[str] | None = None,
+        *,
+        conversation_id: str | None = None,
     ) -> ConversationRecord:
+        """A new conversation; ``conversation_id`` when the caller announced the id before
+        the first turn was stored (ConflictError if it is taken)."""
         now = utcnow()
         row = Conversation(
-            id=new_id(),
+            id=conversation_id or new_id(),
             user_id=user_id,
             title=(title or "").strip()[:200] or None,
             tags=clean_tags(tags),
