@@ -2,8 +2,8 @@
 
 Every method but ``ping`` is :class:`pacore.agents.hub.AgentHub`'s, called through a handle: the
 Gateway calls ``attach`` (streaming), ``deliver``, ``detach``, ``revoke``, ``presence`` and
-``ping``; the Router calls ``complete``, ``stream`` (streaming), ``call_tool``, ``health`` and
-``connected_agents``.
+``ping``; the Router calls ``complete``, ``stream`` (streaming), ``tools``, ``call_tool``,
+``health`` and ``connected_agents``.
 """
 
 from __future__ import annotations

@@ -14,10 +14,17 @@ from pacore.config import PlatformArgs, Settings
 from pacore.errors import NotFoundError
 from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
 from pacore.providers.base import Provider, ProviderConfig
-from pacore.routing import EXEMPLARS, QueryClassifier, RoutingContext, Target
+from pacore.routing import EXEMPLARS, QueryClassifier, QueryType, RoutingContext, Target
 from pacore.services import Services
 from pacore.streaming import coalesce
-from pacore.types import CompletionChunk, CompletionRequest, Message, ModelInfo, Usage
+from pacore.types import (
+    CompletionChunk,
+    CompletionRequest,
+    Message,
+    ModelInfo,
+    ToolDefinition,
+    Usage,
+)
 
 __all__ = ["RouterDeployment"]
 
@@ -102,6 +109,7 @@ class RouterDeployment:
         mem = _HandleMemory(memory, embedder) if memory is not None and embedder is not None else None
         self.orchestrator = Orchestrator(
             routing=self, providers=self, memory=mem, usage=self,
+            agent_tools=self if agent_hub is not None else None,
         )
         self._classifier_ready = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
@@ -192,6 +200,18 @@ class RouterDeployment:
         ):
             yield chunk
 
+    # ------------------------------------------------------------------ AgentTools
+
+    async def tools(self, user_id: str, agent_id: str) -> list[ToolDefinition]:
+        assert self._hub is not None
+        return list(await _handles.call(self._hub, "tools", user_id, agent_id))
+
+    async def call_tool(
+        self, user_id: str, agent_id: str, name: str, arguments: dict[str, Any]
+    ) -> Any:
+        assert self._hub is not None
+        return await _handles.call(self._hub, "call_tool", user_id, agent_id, name, arguments)
+
     # ------------------------------------------------------------------ UsageSink
 
     def record(
@@ -250,7 +270,7 @@ class RouterDeployment:
         else:
             logger.warning("query classifier uses keywords only: the embedder did not answer")
             return
-        by_label: dict[Any, list[list[float]]] = {label: [] for label in labels}
+        by_label: dict[QueryType, list[list[float]]] = {label: [] for label in labels}
         i = 0
         for label in labels:
             for _ in EXEMPLARS[label]:

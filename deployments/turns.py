@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ def turn_from_complete(body: CompleteBody) -> TurnRequest:
         messages=body.to_messages(), provider=body.provider, model=body.model,
         conversation_id=body.conversation_id, use_memory=body.use_memory,
         temperature=body.temperature, max_tokens=body.max_tokens,
-        data_residency=body.data_residency, tags=body.tags,
+        data_residency=body.data_residency, tags=body.tags, agent_tools=body.agent_tools,
     )
 
 
@@ -29,7 +29,7 @@ class OpenTurn:
     """A turn whose first event has arrived: routing and memory have succeeded."""
 
     started: TurnStarted
-    rest: AsyncIterator[Any]
+    rest: AsyncGenerator[Any, None]
     done: TurnDone | None = None
     parts: list[str] = field(default_factory=list)
 

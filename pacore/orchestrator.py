@@ -4,6 +4,8 @@ Every collaborator is a small protocol, so the pipeline runs the same against Se
 the graph) and against in-process objects (in unit tests). The pipeline yields events: one
 :class:`TurnStarted`, then :class:`~pacore.types.CompletionChunk` s, then one :class:`TurnDone`.
 Storing the turn and its usage happens after the answer is complete, off the response path.
+A turn that names one of the user's agents in ``agent_tools`` makes its provider calls through
+:class:`~pacore.tool_loop.ToolLoop`, which runs the agent's tools between rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pacore.routing import (
     Target,
     choose_route,
 )
+from pacore.tool_loop import AgentTools, ToolLoop
 from pacore.types import (
     CompletionChunk,
     CompletionRequest,
@@ -37,6 +40,7 @@ from pacore.types import (
 )
 
 __all__ = [
+    "AgentTools",
     "ContextResult",
     "MemoryClient",
     "Orchestrator",
@@ -70,6 +74,7 @@ class TurnRequest:
     data_residency: Residency = None
     tags: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    agent_tools: str | None = None  # an agent of the user's whose tools the model may call
     request_id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex)
 
 
@@ -148,12 +153,14 @@ class Orchestrator:
         memory: MemoryClient | None,
         usage: UsageSink | None = None,
         classifier: QueryClassifier | None = None,
+        agent_tools: AgentTools | None = None,
     ) -> None:
         self._routing = routing
         self._providers = providers
         self._memory = memory
         self._usage = usage
         self._classifier = classifier
+        self._agent_tools = agent_tools
 
     def set_classifier(self, classifier: QueryClassifier) -> None:
         self._classifier = classifier
@@ -173,19 +180,21 @@ class Orchestrator:
             "route user=%s provider=%s model=%s reason=%s",
             user_id, decision.target.provider, decision.target.model, decision.reason,
         )
+        loop = await self._tool_loop(user_id, turn)
         messages = list(turn.messages)
         if context.system_text:
             messages.insert(0, Message(role="system", content=context.system_text))
         request = CompletionRequest(
             messages=messages, model=decision.target.model, temperature=turn.temperature,
-            top_p=turn.top_p, max_tokens=turn.max_tokens, stop=turn.stop, tools=turn.tools,
+            top_p=turn.top_p, max_tokens=turn.max_tokens, stop=turn.stop,
+            tools=loop.tools if loop is not None else turn.tools,
             tool_choice=turn.tool_choice, extra=turn.extra,
         )
         answer = _Answer()
         target = decision.target
         status = "error"
         try:
-            async for target, chunk in self._call_with_fallback(user_id, decision, request):
+            async for target, chunk in self._call(user_id, decision, request, loop):
                 if answer.first:
                     answer.first = False
                     record_first_token(target.kind, target.model, time.perf_counter() - started)
@@ -211,10 +220,12 @@ class Orchestrator:
                 decision.reason, context.refs,
             )
         if self._memory is not None:
+            rounds = loop.transcript if loop is not None else []
+            text = loop.final_text if loop is not None else answer.text()
             self._memory.store_turn(
                 user_id, conversation_id,
-                [*turn.messages, Message(role="assistant", content=answer.text(),
-                                         tool_calls=answer.tool_calls())],
+                [*turn.messages, *rounds,
+                 Message(role="assistant", content=text, tool_calls=answer.tool_calls())],
                 provider=target.provider, model=model, usage=answer.usage,
                 latency_ms=latency_ms, tags=turn.tags, new=new_conversation,
             )
@@ -275,6 +286,30 @@ class Orchestrator:
                 decision.fallbacks, decision.query_type,
             )
         return decision
+
+    async def _tool_loop(self, user_id: str, turn: TurnRequest) -> ToolLoop | None:
+        if turn.agent_tools is None:
+            return None
+        if self._agent_tools is None:
+            raise NotFoundError("on-prem agents are not enabled on this deployment",
+                                param="agent_tools")
+        return await ToolLoop.open(self._agent_tools, user_id, turn.agent_tools, turn.tools)
+
+    def _call(
+        self, user_id: str, decision: RouteDecision, request: CompletionRequest,
+        loop: ToolLoop | None,
+    ) -> AsyncIterator[tuple[Target, CompletionChunk]]:
+        if loop is None:
+            return self._call_with_fallback(user_id, decision, request)
+
+        def one_round(
+            req: CompletionRequest, answered: Target | None
+        ) -> AsyncIterator[tuple[Target, CompletionChunk]]:
+            # Later rounds stay with the provider that answered the first: it holds the thread.
+            pinned = decision if answered is None else RouteDecision(answered, decision.reason)
+            return self._call_with_fallback(user_id, pinned, req)
+
+        return loop.run(request, one_round)
 
     async def _call_with_fallback(
         self, user_id: str, decision: RouteDecision, request: CompletionRequest

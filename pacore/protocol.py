@@ -171,6 +171,10 @@ class CompleteBody(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     data_residency: Literal["any", "on_prem"] | list[str] | None = None
     tags: list[str] | None = Field(default=None, max_length=32)
+    agent_tools: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="the id of one of the user's agents whose declared tools the model may call",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> CompleteBody:
@@ -319,6 +323,10 @@ class ChatCompletionRequest(_Open):
     conversation_id: str | None = None
     use_memory: bool = True
     tags: list[str] | None = None
+    agent_tools: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="the id of one of the user's agents whose declared tools the model may call",
+    )
 
     def tool_definitions(self) -> list[ToolDefinition] | None:
         if not self.tools:

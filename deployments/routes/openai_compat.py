@@ -51,6 +51,7 @@ def _turn(body: ChatCompletionRequest) -> TurnRequest:
         use_memory=body.use_memory, temperature=body.temperature, top_p=body.top_p,
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=stop,
         tools=body.tool_definitions(), tool_choice=tool_choice, tags=body.tags, extra=extra,
+        agent_tools=body.agent_tools,
     )
 
 

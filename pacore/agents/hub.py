@@ -70,6 +70,7 @@ from pacore.types import (
     CompletionResult,
     ProviderHealth,
     ToolCallDelta,
+    ToolDefinition,
 )
 
 __all__ = [
@@ -560,6 +561,12 @@ class AgentHub:
             if answer.error is not None:
                 raise answer.error.to_exception(provider_name(agent_id))
             return answer.result
+
+    async def tools(self, user_id: str, agent_id: str) -> list[ToolDefinition]:
+        """The tools ``user_id``'s agent declared: 404 if it is not theirs, 503 if offline."""
+        await self._route(user_id, agent_id)
+        caps = await self._capabilities(agent_id) or {}
+        return [ToolDefinition.model_validate(t) for t in caps.get("tools", [])]
 
     async def health(self, user_id: str, agent_id: str) -> ProviderHealth:
         """A live round trip to the agent and its local models."""
