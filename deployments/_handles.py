@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray.exceptions import RayTaskError
@@ -34,7 +34,7 @@ async def call(handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any)
 
 async def stream(
     handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Iterate a streaming method; closing the iterator early cancels the remote generator."""
     gen: DeploymentResponseGenerator = getattr(
         handle.options(stream=True), method

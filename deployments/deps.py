@@ -19,7 +19,8 @@ API_AUDIENCES = ("api", "session")
 
 
 def _gateway(request: Request) -> GatewayDeployment:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    gateway: GatewayDeployment = request.app.state.gateway
+    return gateway
 
 
 Gateway = Annotated["GatewayDeployment", Depends(_gateway)]

@@ -143,6 +143,10 @@ def get_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
 
 
+ProviderKindName = Literal["anthropic", "openai", "custom", "ollama"]
+PROVIDER_KINDS: tuple[ProviderKindName, ...] = ("anthropic", "openai", "custom", "ollama")
+
+
 class DeploymentOverride(BaseModel):
     """Per-deployment Serve options that replace the deployment's own defaults."""
 
@@ -203,8 +207,8 @@ class PlatformArgs(BaseModel):
     settings: dict[str, Any] = Field(
         default_factory=dict, description="Settings fields (same names as PACORE_* without prefix)"
     )
-    provider_kinds: list[Literal["anthropic", "openai", "custom", "ollama"]] = Field(
-        default_factory=lambda: ["anthropic", "openai", "custom", "ollama"],
+    provider_kinds: list[ProviderKindName] = Field(
+        default_factory=lambda: list(PROVIDER_KINDS),
         description="provider kinds that get a deployment",
     )
     shared_providers: list[SharedProvider] = Field(default_factory=list)

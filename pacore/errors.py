@@ -161,7 +161,7 @@ class UpstreamUnavailableError(PACoreError):
     default_retryable = True
 
 
-class TimeoutError(PACoreError):  # noqa: A001 - the platform's own timeout, shadowing on purpose
+class TimeoutError(PACoreError):  # the platform's own timeout; shadows the builtin on purpose
     status = 504
     type = "timeout_error"
     default_retryable = True

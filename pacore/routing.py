@@ -9,7 +9,7 @@ its first token. Every decision carries a human-readable reason.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,7 +93,9 @@ def _allowed(target: Target, residency: Residency) -> bool:
 
 
 def _residency_label(residency: Residency) -> str:
-    return residency if isinstance(residency, str) else "regions " + ",".join(residency)
+    if residency is None or isinstance(residency, str):
+        return str(residency or "any")
+    return "regions " + ",".join(residency)
 
 
 def choose_route(
@@ -252,7 +254,7 @@ class QueryClassifier:
 
     def __init__(
         self,
-        exemplar_vectors: dict[QueryType, Sequence[Sequence[float]]],
+        exemplar_vectors: Mapping[QueryType, Sequence[Sequence[float]]],
         *,
         k: int = 5,
         min_similarity: float = 0.2,

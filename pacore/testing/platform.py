@@ -7,6 +7,7 @@ until ``/health`` answers. It is what ``pacore up`` does, minus the terminal.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -39,7 +40,7 @@ class TestUser:
 class LocalPlatform:
     data_dir: Path
     args: dict[str, Any] = field(default_factory=dict)
-    num_cpus: float = 2
+    num_cpus: int = 2
     ready_timeout_s: float = 240.0
     port: int = 0
     url: str = ""
@@ -68,7 +69,7 @@ class LocalPlatform:
             ray.init(
                 address="local", num_cpus=self.num_cpus, include_dashboard=False,
                 namespace="pacore-test",
-                _node_ip_address="127.0.0.1", logging_level="WARNING",
+                _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
             )
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(build_app(self.args), name="pacore", route_prefix="/", blocking=False)

@@ -14,7 +14,7 @@ import pytest
 import websockets.sync.client as ws_client
 from openai import OpenAI
 
-from pacore.testing.openai_server import OpenAIServer, Scripted
+from pacore.testing.openai_server import Scripted
 from pacore.testing.platform import LocalPlatform, TestUser
 
 pytestmark = pytest.mark.serve
