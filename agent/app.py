@@ -103,11 +103,14 @@ class LocalModel:
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
         result = await self.provider.complete(self._upstream(request))
-        return result.model_copy(update={"provider": self.spec.name})
+        # The cloud and local clients know the model by its configured name alone.
+        return result.model_copy(update={"provider": self.spec.name, "model": self.spec.name})
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
         """The answer, with chunks that were ready together merged (each one pays the hop)."""
         async for chunk in coalesce(self.provider.stream(self._upstream(request))):
+            if chunk.model is not None:
+                chunk = chunk.model_copy(update={"model": self.spec.name})
             yield chunk
 
     async def health(self) -> ProviderHealth:
