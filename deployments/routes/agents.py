@@ -94,6 +94,10 @@ async def connect(websocket: WebSocket) -> None:
     pump = _spawn_pump(websocket, outbound, first)
     try:
         await _relay_inbound(websocket, hub, agent_id, connection_id, pump)
+    except Exception:  # the hub went away mid-link: the agent dials again
+        logger.warning("agent link relay failed; closing the link", exc_info=True)
+        with contextlib.suppress(Exception):
+            await websocket.close(code=CLOSE_UNAVAILABLE, reason="try again later")
     finally:
         pump.cancel()
         with contextlib.suppress(BaseException):
