@@ -146,7 +146,9 @@ class RouterDeployment:
 
     # ------------------------------------------------------------------ RoutingSource
 
-    async def routing_context(self, user_id: str) -> RoutingContext:
+    async def routing_context(
+        self, user_id: str, turn: TurnRequest | None = None
+    ) -> RoutingContext:
         stores = self.services.stores
         settings, providers = await asyncio.gather(
             stores.settings.get(user_id), stores.providers.list(user_id)
@@ -161,9 +163,17 @@ class RouterDeployment:
                 targets[p.name] = Target(
                     p.name, p.kind, p.default_model, region=(p.options or {}).get("region")
                 )
-        for agent_id, models in await self._agents(user_id):
-            name = f"agent:{agent_id}"
-            targets[name] = Target(name, "agent", models[0] if models else None, on_prem=True)
+        if _may_pick_any_agent(settings.data_residency, turn):
+            # Residency may choose an agent the request does not name: only online ones count.
+            for agent_id, models in await self._agents(user_id):
+                name = f"agent:{agent_id}"
+                targets[name] = Target(name, "agent", models[0] if models else None, on_prem=True)
+        else:
+            # Agents named by the request or the settings are targets as they are; the hub
+            # answers 404 or 503 for one that is not the user's or not online (and a fallback
+            # takes over), so the common request makes no call to the hub at all.
+            for name in _agent_names(settings, turn):
+                targets.setdefault(name, Target(name, "agent", None, on_prem=True))
         return RoutingContext(
             targets=targets,
             default_provider=settings.default_provider,
@@ -303,3 +313,20 @@ def _self_hosted_providers(
         else:
             out[model.name] = VLLMProvider(config, handle=handle)
     return out
+
+
+def _may_pick_any_agent(residency: object, turn: TurnRequest | None) -> bool:
+    if turn is None:  # listing models: every online agent
+        return True
+    wanted = turn.data_residency if turn.data_residency is not None else residency
+    return wanted not in (None, "any")
+
+
+def _agent_names(settings: Any, turn: TurnRequest | None) -> set[str]:
+    from pacore.routing import AGENT_PREFIX, parse_model
+
+    names = {settings.default_provider, *settings.fallbacks, *settings.routing.model_dump().values()}
+    if turn is not None:
+        names.add(turn.provider)
+        names.add(parse_model(turn.model)[0])
+    return {n for n in names if isinstance(n, str) and n.startswith(AGENT_PREFIX)}

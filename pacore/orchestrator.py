@@ -127,7 +127,11 @@ class MemoryClient(Protocol):
 
 
 class RoutingSource(Protocol):
-    async def routing_context(self, user_id: str) -> RoutingContext: ...
+    async def routing_context(
+        self, user_id: str, turn: TurnRequest | None = None
+    ) -> RoutingContext:
+        """The user's targets and preferences; ``turn`` lets the source skip lookups that this
+        request cannot need (e.g. which agents are online, unless residency may pick one)."""
 
 
 class ProviderClient(Protocol):
@@ -169,7 +173,7 @@ class Orchestrator:
         started = time.perf_counter()
         new_conversation = turn.conversation_id is None
         conversation_id = turn.conversation_id or str(uuid.uuid4())
-        ctx_task = asyncio.ensure_future(self._routing.routing_context(user_id))
+        ctx_task = asyncio.ensure_future(self._routing.routing_context(user_id, turn))
         try:
             vector, context = await self._memory_context(user_id, turn)
             decision = self._route(await ctx_task, turn, vector)

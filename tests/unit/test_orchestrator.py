@@ -18,7 +18,7 @@ class Routing:
     def __init__(self, ctx: RoutingContext) -> None:
         self.ctx = ctx
 
-    async def routing_context(self, user_id: str) -> RoutingContext:
+    async def routing_context(self, user_id: str, turn: object = None) -> RoutingContext:
         return self.ctx
 
 

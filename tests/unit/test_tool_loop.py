@@ -34,7 +34,7 @@ WEATHER = ToolDefinition(name="get_weather", description="the client's own tool"
 
 
 class Routing:
-    async def routing_context(self, user_id: str) -> RoutingContext:
+    async def routing_context(self, user_id: str, turn: object = None) -> RoutingContext:
         return RoutingContext(targets={"openai": Target("openai", "openai", "gpt")})
 
 
