@@ -154,15 +154,17 @@ class RouterDeployment:
             stores.settings.get(user_id), stores.providers.list(user_id)
         )
         targets: dict[str, Target] = {}
-        for shared in self.args.shared_providers:
-            targets[shared.name] = Target(shared.name, shared.kind, shared.default_model)
-        for model in self.args.self_hosted:
-            targets.setdefault(model.engine, Target(model.engine, model.engine, model.name, on_prem=True))
-        for p in providers:
+        for p in providers:  # the user's own first: they win when no preference decides
             if p.configured:
                 targets[p.name] = Target(
                     p.name, p.kind, p.default_model, region=(p.options or {}).get("region")
                 )
+        for shared in self.args.shared_providers:
+            targets.setdefault(shared.name, Target(shared.name, shared.kind, shared.default_model))
+        for model in self.args.self_hosted:
+            targets.setdefault(
+                model.engine, Target(model.engine, model.engine, model.name, on_prem=True)
+            )
         if _may_pick_any_agent(settings.data_residency, turn):
             # Residency may choose an agent the request does not name: only online ones count.
             for agent_id, models in await self._agents(user_id):

@@ -64,7 +64,8 @@ class RouteDecision:
 
 @dataclass(slots=True)
 class RoutingContext:
-    """What routing may choose from: the user's reachable targets and preferences."""
+    """What routing may choose from: the user's reachable targets (in order of preference when
+    nothing else decides: the user's own providers first) and preferences."""
 
     targets: dict[str, Target]
     default_provider: str | None = None
@@ -153,7 +154,9 @@ def choose_route(
     if chosen is None and ctx.default_provider and ctx.default_provider in allowed:
         chosen, reason = allowed[ctx.default_provider], "the user's default provider"
     if chosen is None:
-        name = sorted(allowed)[0]
+        # Targets come in the user's order of ownership: their own providers first, then what
+        # the platform offers (shared, self-hosted), then agents.
+        name = next(iter(allowed))
         chosen, reason = allowed[name], "the only provider available" if len(allowed) == 1 else (
             "first available provider (no default set)"
         )

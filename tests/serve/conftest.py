@@ -11,6 +11,7 @@ import pytest
 
 from pacore.testing.openai_server import OpenAIServer
 from pacore.testing.platform import LocalPlatform, TestUser
+from pacore.testing.tiny_model import build_tiny_llama
 
 pytestmark = pytest.mark.serve
 
@@ -44,8 +45,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform
         # agent whichever replica holds its socket.
         settings["redis_url"] = "redis://127.0.0.1:6379/0"
         deployments["Gateway"] = {"num_replicas": 2}
+    # A tiny random-weight Llama built here (no hub) and served by the CPU engine in the graph.
+    tiny = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    self_hosted = [{"name": "tiny", "engine": "cpu", "model": str(tiny), "max_tokens": 32}]
+    deployments["tiny"] = {"ray_actor_options": {"num_cpus": 0.05}}
     data_dir: Path = tmp_path_factory.mktemp("pacore-data")
-    p = LocalPlatform(data_dir, {"settings": settings, "deployments": deployments}).start()
+    args = {"settings": settings, "deployments": deployments, "self_hosted": self_hosted}
+    p = LocalPlatform(data_dir, args).start()
     yield p
     p.stop()
 

@@ -116,3 +116,13 @@ def test_embedding_classifier_votes_and_falls_back():
     # Nothing similar enough: the keywords decide.
     assert clf.classify([-1.0, -1.0, -1.0], "debug this regex") == ("code", "keywords")
     assert clf.classify(None, "tell me a joke") == ("general", "keywords")
+
+
+def test_without_preferences_the_first_target_wins():
+    """Targets arrive in order of ownership (the user's own providers before the platform's)."""
+    c = RoutingContext(targets={
+        "zz-mine": Target("zz-mine", "openai"),
+        "cpu": Target("cpu", "cpu", "tiny", on_prem=True),
+    })
+    d = choose_route(c)
+    assert d.target.provider == "zz-mine" and "first available" in d.reason
