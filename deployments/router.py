@@ -11,6 +11,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import _handles
 from pacore.config import PlatformArgs, Settings
+from pacore.db.stores.usage import UsageEntry
 from pacore.errors import NotFoundError
 from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
 from pacore.providers.base import Provider, ProviderConfig
@@ -20,11 +21,13 @@ from pacore.streaming import coalesce
 from pacore.types import (
     CompletionChunk,
     CompletionRequest,
+    CompletionResult,
     Message,
     ModelInfo,
     ToolDefinition,
     Usage,
 )
+from pacore.usage_writer import UsageWriter
 
 __all__ = ["RouterDeployment"]
 
@@ -111,6 +114,10 @@ class RouterDeployment:
             routing=self, providers=self, memory=mem, usage=self,
             agent_tools=self if agent_hub is not None else None,
         )
+        self._usage = UsageWriter(self.services.stores.usage)
+        # Serve awaits the instance's __del__ on graceful shutdown (the class has none, so the
+        # garbage collector never makes an un-awaited coroutine of it).
+        self.__del__ = self.aclose
         self._classifier_ready = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         if embedder is not None:
@@ -122,6 +129,16 @@ class RouterDeployment:
         """The turn's events; chunks that are ready together are merged into one."""
         async for event in coalesce(self.orchestrator.run(user_id, turn)):
             yield event
+
+    async def run_whole(self, user_id: str, turn: TurnRequest) -> list[TurnEvent]:
+        """The turn's events in one answer, for clients that do not stream (one message per
+        hop instead of one per chunk)."""
+        return [event async for event in self.orchestrator.run(user_id, turn)]
+
+    async def aclose(self) -> None:
+        """Write the queued usage entries and release the database."""
+        await self._usage.aclose()
+        await self.services.aclose()
 
     async def ping(self) -> None:
         """Readiness: answering at all is the check."""
@@ -224,17 +241,37 @@ class RouterDeployment:
         assert self._hub is not None
         return await _handles.call(self._hub, "call_tool", user_id, agent_id, name, arguments)
 
+    async def complete(
+        self, user_id: str, target: Target, request: CompletionRequest
+    ) -> CompletionResult:
+        if target.is_agent:
+            if self._hub is None:
+                raise NotFoundError(f"provider '{target.provider}' is not configured")
+            result: CompletionResult = await _handles.call(
+                self._hub, "complete", user_id, target.agent_id, request
+            )
+            return result
+        if target.kind in SELF_HOSTED_KINDS:
+            model = request.model or target.model or ""
+            provider = self._self_hosted.get(model)
+            if provider is None:
+                raise NotFoundError(f"model '{model}' is not served here", param="model")
+            return await provider.complete(request.model_copy(update={"model": model}))
+        config = await self._config(user_id, target.provider)
+        result = await _handles.call(
+            self._providers[config.kind], "complete", user_id, config, request
+        )
+        return result
+
     # ------------------------------------------------------------------ UsageSink
 
     def record(
         self, user_id: str, provider: str, model: str, usage: Usage, latency_ms: float, status: str
     ) -> None:
-        self._spawn(
-            self.services.stores.usage.record(
-                user_id, provider, model, usage.prompt_tokens, usage.completion_tokens,
-                latency_ms, status,
-            )
-        )
+        self._usage.add(UsageEntry(
+            user_id, provider, model, usage.prompt_tokens, usage.completion_tokens, latency_ms,
+            status,
+        ))
 
     # ------------------------------------------------------------------ helpers
 

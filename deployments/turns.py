@@ -10,9 +10,9 @@ from deployments import _handles
 from pacore.errors import UpstreamError
 from pacore.orchestrator import TurnDone, TurnRequest, TurnStarted
 from pacore.protocol import CompleteBody
-from pacore.types import CompletionChunk, ToolCall
+from pacore.types import CompletionChunk
 
-__all__ = ["OpenTurn", "collect", "open_turn", "turn_from_complete"]
+__all__ = ["OpenTurn", "open_turn", "run_whole", "turn_from_complete"]
 
 
 def turn_from_complete(body: CompleteBody) -> TurnRequest:
@@ -21,6 +21,7 @@ def turn_from_complete(body: CompleteBody) -> TurnRequest:
         conversation_id=body.conversation_id, use_memory=body.use_memory,
         temperature=body.temperature, max_tokens=body.max_tokens,
         data_residency=body.data_residency, tags=body.tags, agent_tools=body.agent_tools,
+        stream=body.stream,
     )
 
 
@@ -66,11 +67,11 @@ async def open_turn(gw: Any, user_id: str, turn: TurnRequest) -> OpenTurn:
     return OpenTurn(first, events)
 
 
-async def collect(opened: OpenTurn) -> tuple[str, TurnDone, list[ToolCall] | None]:
-    try:
-        async for _ in opened.chunks():
-            pass
-    finally:
-        await opened.aclose()
-    assert opened.done is not None
-    return "".join(opened.parts), opened.done, opened.done.tool_calls
+async def run_whole(gw: Any, user_id: str, turn: TurnRequest) -> tuple[TurnStarted, str, TurnDone]:
+    """A turn for a client that does not stream: one call to the Router, one answer."""
+    events = await _handles.call(gw.router, "run_whole", user_id, turn)
+    started, done = events[0], events[-1]
+    if not isinstance(started, TurnStarted) or not isinstance(done, TurnDone):
+        raise UpstreamError("the router answered out of order")
+    content = "".join(e.content for e in events if isinstance(e, CompletionChunk))
+    return started, content, done

@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,8 +33,10 @@ from pacore.tool_loop import AgentTools, ToolLoop
 from pacore.types import (
     CompletionChunk,
     CompletionRequest,
+    CompletionResult,
     Message,
     ToolCall,
+    ToolCallDelta,
     ToolDefinition,
     Usage,
 )
@@ -75,6 +77,7 @@ class TurnRequest:
     tags: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     agent_tools: str | None = None  # an agent of the user's whose tools the model may call
+    stream: bool = True  # False: the client wants the whole answer, fetched in one call
     request_id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex)
 
 
@@ -139,6 +142,11 @@ class ProviderClient(Protocol):
         self, user_id: str, target: Target, request: CompletionRequest
     ) -> AsyncIterator[CompletionChunk]: ...
 
+    async def complete(
+        self, user_id: str, target: Target, request: CompletionRequest
+    ) -> CompletionResult:
+        """The whole answer in one call (for clients that do not stream)."""
+
 
 class UsageSink(Protocol):
     def record(
@@ -198,7 +206,9 @@ class Orchestrator:
         target = decision.target
         status = "error"
         try:
-            async for target, chunk in self._call(user_id, decision, request, loop):
+            async for target, chunk in self._call(
+                user_id, decision, request, loop, stream=turn.stream
+            ):
                 if answer.first:
                     answer.first = False
                     record_first_token(target.kind, target.model, time.perf_counter() - started)
@@ -301,10 +311,10 @@ class Orchestrator:
 
     def _call(
         self, user_id: str, decision: RouteDecision, request: CompletionRequest,
-        loop: ToolLoop | None,
+        loop: ToolLoop | None, *, stream: bool = True,
     ) -> AsyncIterator[tuple[Target, CompletionChunk]]:
         if loop is None:
-            return self._call_with_fallback(user_id, decision, request)
+            return self._call_with_fallback(user_id, decision, request, stream=stream)
 
         def one_round(
             req: CompletionRequest, answered: Target | None
@@ -316,7 +326,8 @@ class Orchestrator:
         return loop.run(request, one_round)
 
     async def _call_with_fallback(
-        self, user_id: str, decision: RouteDecision, request: CompletionRequest
+        self, user_id: str, decision: RouteDecision, request: CompletionRequest,
+        *, stream: bool = True,
     ) -> AsyncIterator[tuple[Target, CompletionChunk]]:
         candidates: Sequence[Target] = (decision.target, *decision.fallbacks)
         last_error: PACoreError | None = None
@@ -324,10 +335,14 @@ class Orchestrator:
             req = request if target.model == request.model else request.model_copy(
                 update={"model": target.model}
             )
-            stream = self._providers.stream(user_id, target, req)
+            # A client that does not stream gets one upstream call and one message per hop.
+            chunks = (
+                self._providers.stream(user_id, target, req) if stream
+                else _one_chunk(self._providers.complete(user_id, target, req))
+            )
             got_first = False
             try:
-                async for chunk in stream:
+                async for chunk in chunks:
                     got_first = True
                     yield target, chunk
                 return
@@ -341,11 +356,24 @@ class Orchestrator:
                 )
                 last_error = exc
             finally:
-                aclose = getattr(stream, "aclose", None)
+                aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()
         if last_error is not None:  # pragma: no cover - loop always returns or raises
             raise last_error
+
+
+async def _one_chunk(result: Awaitable[CompletionResult]) -> AsyncIterator[CompletionChunk]:
+    """A whole answer as the single chunk of a stream."""
+    r = await result
+    deltas = [
+        ToolCallDelta(index=i, id=c.id, name=c.name, arguments=c.arguments)
+        for i, c in enumerate(r.tool_calls or [])
+    ] or None
+    yield CompletionChunk(
+        content=r.content, tool_calls=deltas, finish_reason=r.finish_reason, usage=r.usage,
+        model=r.model or None,
+    )
 
 
 def _may_fall_back(exc: PACoreError) -> bool:

@@ -14,7 +14,7 @@ from pydantic import ValidationError as PydanticValidationError
 from deployments.deps import CurrentUser, Gateway, authenticate
 from deployments.framing import done_payload, sse
 from deployments.gateway import check_rate
-from deployments.turns import OpenTurn, collect, open_turn, turn_from_complete
+from deployments.turns import OpenTurn, open_turn, run_whole, turn_from_complete
 from pacore.errors import BadRequestError, PACoreError, ValidationError
 from pacore.metrics import record_error
 from pacore.protocol import CompleteBody
@@ -28,15 +28,18 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 @router.post("/v1/complete")
 async def complete(body: CompleteBody, user: CurrentUser, gw: Gateway) -> Any:
     check_rate(gw, user.user_id)
-    opened = await open_turn(gw, user.user_id, turn_from_complete(body))
-    headers = {"x-pacore-conversation-id": opened.started.conversation_id}
+    turn = turn_from_complete(body)
     if body.stream:
+        opened = await open_turn(gw, user.user_id, turn)
         return StreamingResponse(
             _sse_events(opened), media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
+            headers={**SSE_HEADERS, "x-pacore-conversation-id": opened.started.conversation_id},
         )
-    content, done, _ = await collect(opened)
-    return JSONResponse(done_payload(opened.started, done, content), headers=headers)
+    started, content, done = await run_whole(gw, user.user_id, turn)
+    return JSONResponse(
+        done_payload(started, done, content),
+        headers={"x-pacore-conversation-id": started.conversation_id},
+    )
 
 
 async def _sse_events(opened: OpenTurn) -> AsyncIterator[bytes]:
@@ -88,7 +91,9 @@ async def _serve_one(websocket: WebSocket, gw: Any, user_id: str, raw: str) -> N
     try:
         body = CompleteBody.model_validate(json.loads(raw))
         check_rate(gw, user_id)
-        opened = await open_turn(gw, user_id, turn_from_complete(body))
+        turn = turn_from_complete(body)
+        turn.stream = True  # a socket always streams
+        opened = await open_turn(gw, user_id, turn)
     except json.JSONDecodeError:
         await _send_error(websocket, BadRequestError("the message is not valid JSON"))
         return

@@ -17,7 +17,7 @@ from deployments import _handles
 from deployments.deps import CurrentUser, Gateway
 from deployments.framing import openai_chunk, tool_call_dicts
 from deployments.gateway import check_rate
-from deployments.turns import OpenTurn, collect, open_turn
+from deployments.turns import OpenTurn, open_turn, run_whole
 from pacore.errors import BadRequestError, NotFoundError, PACoreError
 from pacore.metrics import record_error
 from pacore.orchestrator import TurnRequest
@@ -51,7 +51,7 @@ def _turn(body: ChatCompletionRequest) -> TurnRequest:
         use_memory=body.use_memory, temperature=body.temperature, top_p=body.top_p,
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=stop,
         tools=body.tool_definitions(), tool_choice=tool_choice, tags=body.tags, extra=extra,
-        agent_tools=body.agent_tools,
+        agent_tools=body.agent_tools, stream=body.stream,
     )
 
 
@@ -77,19 +77,20 @@ async def chat_completions(body: ChatCompletionRequest, user: CurrentUser, gw: G
     check_rate(gw, user.user_id)
     if not any(m.content or m.tool_calls for m in body.messages):
         raise BadRequestError("messages must not be empty", param="messages")
-    opened = await open_turn(gw, user.user_id, _turn(body))
-    headers = {"x-pacore-conversation-id": opened.started.conversation_id}
-    model = f"{opened.started.provider}/{opened.started.model or ''}".rstrip("/")
+    turn = _turn(body)
     if body.stream:
+        opened = await open_turn(gw, user.user_id, turn)
+        model = f"{opened.started.provider}/{opened.started.model or ''}".rstrip("/")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
             _openai_stream(opened, model, include_usage), media_type="text/event-stream",
-            headers={"cache-control": "no-cache", **headers},
+            headers={"cache-control": "no-cache",
+                     "x-pacore-conversation-id": opened.started.conversation_id},
         )
-    content, done, calls = await collect(opened)
+    started, content, done = await run_whole(gw, user.user_id, turn)
     message: dict[str, Any] = {"role": "assistant", "content": content or None}
-    if calls:
-        message["tool_calls"] = tool_call_dicts(calls)
+    if done.tool_calls:
+        message["tool_calls"] = tool_call_dicts(done.tool_calls)
     return JSONResponse(
         {
             "id": done.id,
@@ -102,7 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, user: CurrentUser, gw: G
             ],
             "usage": done.usage.model_dump(),
         },
-        headers=headers,
+        headers={"x-pacore-conversation-id": started.conversation_id},
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import case, func, select
@@ -14,7 +16,22 @@ from pacore.db.stores.records import UsageBucket, UsageRecord, UsageSummary
 from pacore.db.types import new_id
 from pacore.usage import PriceTable, default_price_table
 
-__all__ = ["UsageStore"]
+__all__ = ["UsageEntry", "UsageStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """One provider call to log."""
+
+    user_id: str
+    provider: str
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float | None
+    status: str = "ok"
+    kind: str | None = None
+    at: datetime | None = None
 
 
 class UsageStore(StoreBase):
@@ -54,6 +71,28 @@ class UsageStore(StoreBase):
         except IntegrityError as exc:
             raise integrity_error(exc, "usage already recorded") from None
         return UsageRecord.model_validate(row)
+
+    async def record_many(self, entries: Sequence[UsageEntry]) -> int:
+        """Log many provider calls in one transaction (the Router batches them off the
+        response path); returns how many were written."""
+        now = utcnow()
+        rows = [
+            UsageLog(
+                id=new_id(), user_id=e.user_id, provider=e.provider, model=e.model,
+                prompt_tokens=max(0, e.prompt_tokens),
+                completion_tokens=max(0, e.completion_tokens), latency_ms=e.latency_ms,
+                status=e.status[:16],
+                cost_usd=self.prices.cost(
+                    e.provider, e.model, e.prompt_tokens, e.completion_tokens, kind=e.kind
+                ),
+                created_at=e.at or now,
+            )
+            for e in entries
+        ]
+        if rows:
+            async with self.db.transaction() as session:
+                session.add_all(rows)
+        return len(rows)
 
     async def summary(self, user_id: str, since: datetime | None = None) -> UsageSummary:
         """Totals per (provider, model) and overall, optionally since a time."""
