@@ -1,4 +1,5 @@
-"""``python -m benchmarks run [--quick]``: measure, then write ``benchmarks/results/<date>-<host>``."""
+"""``python -m benchmarks run [--quick]``: measure, then write ``benchmarks/results/<date>-<host>``;
+``python -m benchmarks report <json>`` renders a run's markdown again."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--no-memory-bench", dest="memory", action="store_false", default=None,
                      help="skip benchmarks/memory.py")
     cmd.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results are written")
+    again = commands.add_parser("report", help="write the markdown of a results JSON again")
+    again.add_argument("json", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "report":
+        print(report.rerender(args.json), file=sys.stderr)
+        return 0
     overrides = {k: getattr(args, k) for k in ("repeats", "max_requests", "duration_s", "levels",
                                               "token_delay_ms", "systems", "memory")}
     md, js = run(Plan.make(args.quick, **overrides), args.out)

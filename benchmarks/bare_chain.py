@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,23 +36,33 @@ _STREAM = re.compile(rb'"stream"\s*:\s*true')
 
 
 class BareProvider:
-    """Posts the request body to the upstream and hands back its bytes."""
+    """Posts the request body to the upstream and hands back its bytes.
+
+    Its client is aiohttp, the fastest at hand here: httpx's pool stalls at high concurrency
+    (encode/httpx#3215), and a floor must not carry a cost that a design can choose away.
+    """
 
     def __init__(self, upstream: str, api_key: str) -> None:
         self.url = upstream.rstrip("/") + "/chat/completions"
-        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-        self.client = httpx.AsyncClient(
-            headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"},
-            limits=limits, timeout=60.0,
-        )
+        self.headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the loop that serves requests.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=60.0),
+            )
+        return self._session
 
     async def complete(self, body: bytes) -> tuple[int, bytes]:
-        r = await self.client.post(self.url, content=body)
-        return r.status_code, r.content
+        async with self._client().post(self.url, data=body) as r:
+            return r.status, await r.read()
 
     async def stream(self, body: bytes) -> AsyncIterator[bytes]:
-        async with self.client.stream("POST", self.url, content=body) as r:
-            async for piece in r.aiter_raw():
+        async with self._client().post(self.url, data=body) as r:
+            async for piece in r.content.iter_any():
                 yield piece
 
 

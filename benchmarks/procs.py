@@ -135,9 +135,14 @@ def process_name(argv: list[str]) -> str:
     if argv[0].startswith("ray::"):
         return argv[0].split()[0]
     exe = os.path.basename(argv[0])
-    if exe.startswith("python") and len(argv) > 1:
-        target = argv[2] if argv[1] == "-m" and len(argv) > 2 else os.path.basename(argv[1])
-        return f"{exe} {target}"
+    if not exe.startswith("python"):
+        return exe
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "-m":
+            return f"{exe} {next(args, '?')}"
+        if arg and not arg.startswith("-"):
+            return f"{exe} {os.path.basename(arg)}"
     return exe
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from benchmarks.stats import Spread, added, ratio, spread
 
-__all__ = ["Goal", "aggregate", "goals", "render", "write"]
+__all__ = ["Goal", "aggregate", "goals", "render", "rerender", "write"]
 
 DIRECT, BARE, LITELLM = "direct", "bare-serve-chain", "litellm"
 PA_OFF, PA_ON = "pacore-memory-off", "pacore-memory-on"
@@ -186,6 +186,8 @@ def _machine_rows(meta: dict[str, Any]) -> list[str]:
             "- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())]
     if meta.get("commit"):
         rows.append(f"- commit: {meta['commit']}")
+    if meta.get("wall_s"):
+        rows.append(f"- the whole run took {meta['wall_s'] / 60:.1f} min")
     rows.append(
         f"- upstream: loopback OpenAI server, {meta.get('tokens')} tokens, "
         f"{meta.get('token_delay_ms')} ms per token; load generator in its own process, "
@@ -195,15 +197,34 @@ def _machine_rows(meta: dict[str, Any]) -> list[str]:
     return rows
 
 
+METHOD = (
+    "- Every system calls the same loopback upstream (`pacore.testing.openai_server`, its own "
+    "process) with the same OpenAI-shaped request; the load generator is one more process "
+    "(closed loop, aiohttp: httpx's pool stalls for seconds at 64 concurrent requests, "
+    "encode/httpx#3215). Only one system runs at a time; rounds interleave the systems, each "
+    "round starting one system later.",
+    "- The bare Serve chain has PA Core's depth (ingress → router → provider), its deployment "
+    "options and its Serve mode (throughput-optimized, HAProxy on the public port); its hops "
+    "forward bytes and its provider calls the upstream with aiohttp.",
+    "- PA Core runs through `pacore up` with a fresh data directory per start, the per-user rate "
+    "limit off (`PACORE_RATE_LIMIT_PER_MINUTE=0`) and a Ray instance of its own "
+    "(`RAY_ADDRESS=local`); the upstream is configured with `PUT /v1/providers/openai`.",
+    "- CPU and RSS cover every process of a system (its process tree and session, from /proc); "
+    "RSS is summed per process, so pages shared between processes count more than once. Ready "
+    "time runs from the start of the command to its first answer (`PACORE_URL` for PA Core).",
+)
+
+
 def _system_rows(systems: dict[str, dict[str, Any]]) -> list[str]:
-    rows = ["| system | how it runs | status | ready (s) | idle RSS (MB) "
+    rows = ["| system | how it runs | status | ready (s) | stop (s) | idle RSS (MB) "
             "| idle CPU (% of a core) |",
-            "|---|---|---|---:|---:|---:|"]
+            "|---|---|---|---:|---:|---:|---:|"]
     for name in _ordered(systems):
         s = systems[name]
         status = s.get("status", "?") + (f": {s['reason']}" if s.get("reason") else "")
         rows.append(f"| {name} | {s.get('description', '')} (`{s.get('command', '')}`) "
                     f"| {status} | {_spread_text(spread(s.get('ready_s') or []), 1)} "
+                    f"| {_spread_text(spread(s.get('stop_s') or []), 1)} "
                     f"| {_spread_text(spread(s.get('rss_idle_mb') or []), 0)} "
                     f"| {_spread_text(spread(s.get('idle_cpu_pct') or []), 0)} |")
     return rows
@@ -256,6 +277,7 @@ def render(results: dict[str, Any]) -> str:
               "", "Values are medians over the rounds; (low-high) is their range. \"Added\" is "
               "the system's p50 minus the direct call's in the same cell.", "",
               "## Machine", "", *_machine_rows(meta), "",
+              "## Method", "", *METHOD, "",
               "## Systems", "", *_system_rows(systems), "",
               "## Every cell", "", *_cell_rows(agg), "",
               "CPU/request counts every process of the system over the cell, warm-up included, "
@@ -285,3 +307,10 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(js)
     return md, js
+
+
+def rerender(json_path: Path) -> Path:
+    """The markdown report again, from a run's JSON (written beside it)."""
+    md = json_path.with_suffix(".md")
+    md.write_text(render(json.loads(json_path.read_text())))
+    return md

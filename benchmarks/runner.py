@@ -64,7 +64,7 @@ class Plan:
     def make(cls, quick: bool, **overrides: Any) -> Plan:
         base: dict[str, Any] = {
             "quick": quick, "repeats": 2 if quick else 3, "levels": (1, 16, 64),
-            "max_requests": 300 if quick else 4000, "duration_s": 2.0 if quick else 20.0,
+            "max_requests": 300 if quick else 4000, "duration_s": 1.5 if quick else 20.0,
             "token_delay_ms": 1.0, "tokens": 16, "systems": report.SYSTEM_ORDER,
             "memory": True,
         }
@@ -72,11 +72,18 @@ class Plan:
         return cls(**base)
 
     def warmup(self, concurrency: int) -> int:
-        return max(2 * concurrency, 10)
+        return max(concurrency, 5) if self.quick else max(2 * concurrency, 10)
+
+    @property
+    def warmup_s(self) -> float:
+        return 1.0 if self.quick else 5.0
+
+
+_T0 = time.monotonic()
 
 
 def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(f"[{time.monotonic() - _T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- load generator
@@ -122,7 +129,8 @@ def measure_cell(loadgen: LoadGen, system: System, endpoint: Endpoint, plan: Pla
             "stream": mode == "stream", **endpoint.extra_body}
     spec = CellSpec(url=endpoint.chat_url, body=body, concurrency=concurrency,
                     max_requests=plan.max_requests, duration_s=plan.duration_s,
-                    headers=endpoint.headers, warmup=plan.warmup(concurrency))
+                    headers=endpoint.headers, warmup=plan.warmup(concurrency),
+                    warmup_s=plan.warmup_s)
     root = system.root_pid
     before = procs.snapshot(root) if root else None
     result = loadgen.run(spec)
@@ -174,7 +182,11 @@ def run_system(system: System, upstream: Upstream, loadgen: LoadGen, plan: Plan,
                 cells.append(cell)
                 progress(_cell_line(cell))
     finally:
+        running, stopping = system.root_pid is not None, time.monotonic()
         system.stop()
+        if running:
+            record.setdefault("stop_s", []).append(time.monotonic() - stopping)
+            progress(f"  stopped in {time.monotonic() - stopping:.1f} s")
 
 
 def make_systems(plan: Plan, workdir: Path) -> tuple[list[System], dict[str, dict[str, Any]]]:
@@ -309,7 +321,8 @@ def run(plan: Plan, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
         "date": time.strftime("%Y-%m-%d"), "host": _host(), "quick": plan.quick,
         "machine": machine(), "commit": _commit(), "repeats": plan.repeats,
         "levels": list(plan.levels), "max_requests": plan.max_requests,
-        "duration_s": plan.duration_s, "warmup": "max(2xc, 10)",
+        "duration_s": plan.duration_s,
+        "warmup": f"{'max(c, 5)' if plan.quick else 'max(2c, 10)'} (at most {plan.warmup_s:g} s)",
         "token_delay_ms": plan.token_delay_ms, "tokens": plan.tokens,
         "note": QUICK_NOTE if plan.quick else None,
     }

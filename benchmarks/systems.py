@@ -66,6 +66,7 @@ class Service:
         self.cmd = cmd
         self.log = log
         self._log_file = log.open("a")
+        self._log_lock = threading.Lock()
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
@@ -73,7 +74,9 @@ class Service:
             stderr=self._log_file, text=True, start_new_session=True,
         )
         assert self.proc.stdout is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, args=(self.proc.stdout,),
+                                             daemon=True)
+        self._pump_thread.start()
 
     @property
     def pid(self) -> int:
@@ -81,8 +84,10 @@ class Service:
 
     def _pump(self, stdout: IO[str]) -> None:
         for line in stdout:
-            self._log_file.write(line)
-            self._log_file.flush()
+            with self._log_lock:
+                if not self._log_file.closed:
+                    self._log_file.write(line)
+                    self._log_file.flush()
             self._lines.put(line.rstrip("\n"))
         self._lines.put(None)
 
@@ -103,7 +108,9 @@ class Service:
         return found
 
     def tail(self, lines: int = 3) -> str:
-        self._log_file.flush()
+        with self._log_lock:
+            if not self._log_file.closed:
+                self._log_file.flush()
         text = self.log.read_text(errors="replace").strip().splitlines()
         return " | ".join(t.strip() for t in text[-lines:])[:400] or "no output"
 
@@ -119,7 +126,10 @@ class Service:
                 _killpg(self.pid)
                 self.proc.wait(timeout=10)
             _reap_leftovers(members)
-        self._log_file.close()
+        # Processes the service left behind may hold its stdout open: do not wait on them.
+        self._pump_thread.join(timeout=5)
+        with self._log_lock:
+            self._log_file.close()
 
 
 def _killpg(pgid: int) -> None:
@@ -245,8 +255,10 @@ class PACore(System):
         data_dir = Path(workdir) / f"{self.name}-{time.monotonic_ns()}"
         port = free_port()
         pacore = shutil.which("pacore") or str(Path(sys.executable).with_name("pacore"))
-        # The per-user rate limit (600/min by default) would measure the limiter, not the path.
-        env = {**os.environ, "PACORE_RATE_LIMIT_PER_MINUTE": "0"}
+        # The per-user rate limit (600/min by default) would measure the limiter, not the path;
+        # and a Ray instance of its own: without an address, ray.init joins the instance
+        # `ray start` last recorded on this machine, if any.
+        env = {**os.environ, "PACORE_RATE_LIMIT_PER_MINUTE": "0", "RAY_ADDRESS": "local"}
         cmd = [pacore, "up", "--data-dir", str(data_dir), "--port", str(port), *self._flags()]
         self.service = Service(self.name, cmd, workdir / f"{data_dir.name}.log", env)
         found = self.service.wait_for_prefixes(("PACORE_URL=", "PACORE_TOKEN="), START_TIMEOUT_S)

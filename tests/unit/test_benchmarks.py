@@ -119,6 +119,8 @@ def test_process_names() -> None:
         "ray::ServeReplica:pacore:Gateway")
     assert procs.process_name(["/v/bin/python3", "-m", "pacore.cli", "up"]) == (
         "python3 pacore.cli")
+    assert procs.process_name(["/v/bin/python", "-u", "/r/log_monitor.py", "--x"]) == (
+        "python log_monitor.py")
     assert procs.process_name(["/usr/bin/haproxy", "-db"]) == "haproxy"
     assert procs.process_name([""]) == "?"
 
@@ -220,6 +222,9 @@ def test_write_puts_markdown_and_json_side_by_side(tmp_path: Path) -> None:
     assert md.name == "2026-01-02-box.md" and js.name == "2026-01-02-box.json"
     assert json.loads(js.read_text())["meta"]["host"] == "box"
     assert md.read_text().startswith("# PA Core benchmark")
+    md.unlink()
+    assert report.rerender(js) == md
+    assert "## Method" in md.read_text()
 
 
 # ---------------------------------------------------------------------------- load generator
