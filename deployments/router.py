@@ -170,18 +170,14 @@ class RouterDeployment:
         settings, providers = await asyncio.gather(
             stores.settings.get(user_id), stores.providers.list(user_id)
         )
+        # In order of ownership, which decides when no preference does: the user's own
+        # providers, then the user's agents, then what the platform offers.
         targets: dict[str, Target] = {}
-        for p in providers:  # the user's own first: they win when no preference decides
+        for p in providers:
             if p.configured:
                 targets[p.name] = Target(
                     p.name, p.kind, p.default_model, region=(p.options or {}).get("region")
                 )
-        for shared in self.args.shared_providers:
-            targets.setdefault(shared.name, Target(shared.name, shared.kind, shared.default_model))
-        for model in self.args.self_hosted:
-            targets.setdefault(
-                model.engine, Target(model.engine, model.engine, model.name, on_prem=True)
-            )
         if _may_pick_any_agent(settings.data_residency, turn):
             # Residency may choose an agent the request does not name: only online ones count.
             for agent_id, models in await self._agents(user_id):
@@ -193,6 +189,12 @@ class RouterDeployment:
             # takes over), so the common request makes no call to the hub at all.
             for name in _agent_names(settings, turn):
                 targets.setdefault(name, Target(name, "agent", None, on_prem=True))
+        for shared in self.args.shared_providers:
+            targets.setdefault(shared.name, Target(shared.name, shared.kind, shared.default_model))
+        for model in self.args.self_hosted:
+            targets.setdefault(
+                model.engine, Target(model.engine, model.engine, model.name, on_prem=True)
+            )
         return RoutingContext(
             targets=targets,
             default_provider=settings.default_provider,
