@@ -84,4 +84,18 @@ def haproxy_main() -> None:
     # The override names this wrapper; without it the package resolves the real binary.
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     binary = get_haproxy_binary()
+    _die_with_parent()
     os.execv(binary, [binary, *args])
+
+
+def _die_with_parent() -> None:
+    """HAProxy runs in the foreground under Ray's HAProxyManager actor; if that process is
+    killed outright, HAProxy must not live on holding the port (PR_SET_PDEATHSIG survives exec)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)

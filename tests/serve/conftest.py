@@ -56,6 +56,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform
     p.stop()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_upstreams(request: pytest.FixtureRequest) -> None:
+    """Each test starts with no scripted replies or recorded requests left by another."""
+    for name in ("upstream", "fallback_upstream"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
+
+
 @pytest.fixture
 def user(platform: LocalPlatform) -> Iterator[TestUser]:
     u = platform.register()
