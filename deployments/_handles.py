@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from pacore.errors import PACoreError, UpstreamUnavailableError
 
 __all__ = ["call", "stream"]
+
+# A stream whose replica died before its first item is sent again, to another replica.
+_REPLICA_RETRIES = 2
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -20,7 +23,7 @@ def _unwrap(exc: BaseException) -> BaseException:
         return cause
     if isinstance(exc, PACoreError):
         return exc
-    if isinstance(exc, RayTaskError):
+    if isinstance(exc, RayTaskError | RayActorError):
         return UpstreamUnavailableError("a platform component failed; try again")
     return exc
 
@@ -28,25 +31,36 @@ def _unwrap(exc: BaseException) -> BaseException:
 async def call(handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return await getattr(handle, method).remote(*args, **kwargs)
-    except (RayTaskError, PACoreError) as exc:
+    except (RayTaskError, RayActorError, PACoreError) as exc:
         raise _unwrap(exc) from None
 
 
 async def stream(
     handle: DeploymentHandle, method: str, *args: Any, **kwargs: Any
 ) -> AsyncGenerator[Any, None]:
-    """Iterate a streaming method; closing the iterator early cancels the remote generator."""
-    gen: DeploymentResponseGenerator = getattr(
-        handle.options(stream=True), method
-    ).remote(*args, **kwargs)
-    finished = False
-    try:
-        async for item in gen:
-            yield item
-        finished = True
-    except (RayTaskError, PACoreError) as exc:
-        finished = True
-        raise _unwrap(exc) from None
-    finally:
-        if not finished:
-            gen.cancel()
+    """Iterate a streaming method; closing the iterator early cancels the remote generator.
+
+    A replica that dies (scaled in, killed, its node lost) before the first item is replaced
+    by another one for the same call, since nothing has reached the caller; after the first
+    item the caller gets an UpstreamUnavailableError."""
+    for attempt in range(_REPLICA_RETRIES + 1):
+        gen: DeploymentResponseGenerator = getattr(
+            handle.options(stream=True), method
+        ).remote(*args, **kwargs)
+        started = finished = False
+        try:
+            async for item in gen:
+                started = True
+                yield item
+            finished = True
+            return
+        except RayActorError as exc:
+            finished = True
+            if started or attempt == _REPLICA_RETRIES:
+                raise _unwrap(exc) from None
+        except (RayTaskError, PACoreError) as exc:
+            finished = True
+            raise _unwrap(exc) from None
+        finally:
+            if not finished:
+                gen.cancel()
