@@ -78,7 +78,8 @@ def up(
         raise typer.Exit(130) from None
     console.print(f"[green]PA Core is up[/green] at [bold]{url}[/bold]")
     console.print(f"admin API token (keep it secret): [bold]{token}[/bold]")
-    console.print(f"try: curl -H 'Authorization: Bearer $TOKEN' {url}/v1/models")
+    console.print("export the two lines below, then try:")
+    console.print('  curl -H "Authorization: Bearer $PACORE_TOKEN" $PACORE_URL/v1/models')
     console.print("Ctrl-C stops everything.")
     print(f"PACORE_URL={url}", flush=True)
     print(f"PACORE_TOKEN={token}", flush=True)
