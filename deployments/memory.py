@@ -19,6 +19,7 @@ from pacore.memory.manager import (
     TextEmbedder,
     as_text_embedder,
 )
+from pacore.metrics import record_memory_search
 from pacore.protocol import MemorySearchFilters, MemorySearchResult
 from pacore.types import Message, Usage
 
@@ -151,7 +152,12 @@ class MemoryDeployment:
         limit: int = 10,
         filters: MemorySearchFilters | None = None,
     ) -> list[MemorySearchResult]:
-        return await (await self._get()).search(user_id, query, limit, filters)
+        manager = await self._get()
+        started = time.perf_counter()
+        try:
+            return await manager.search(user_id, query, limit, filters)
+        finally:
+            record_memory_search("search", time.perf_counter() - started)
 
     async def context_for(
         self,
@@ -161,7 +167,11 @@ class MemoryDeployment:
         vector: list[float] | None = None,
     ) -> MemoryContext:
         manager = await self._get()
-        return await manager.context_for(user_id, messages, conversation_id, vector=vector)
+        started = time.perf_counter()
+        try:
+            return await manager.context_for(user_id, messages, conversation_id, vector=vector)
+        finally:
+            record_memory_search("context", time.perf_counter() - started)
 
     async def context_for_vector(
         self,
