@@ -32,10 +32,12 @@ pacore_agent_connects_total               counter    (none)
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, ParamSpec
 
 __all__ = [
     "DEFINITIONS",
@@ -51,6 +53,8 @@ __all__ = [
     "record_provider_error",
     "record_turn",
 ]
+
+logger = logging.getLogger("pacore.metrics")
 
 MAX_MODELS = 64
 MAX_LABEL_LEN = 64
@@ -175,13 +179,17 @@ class _Metrics:
 
 
 _instance: _Metrics | None = None
+_unavailable = False
 _lock = threading.Lock()
+_P = ParamSpec("_P")
 
 
 def _metrics() -> _Metrics | None:
     """This process's metrics, created on first use; None outside a Ray worker."""
     if _instance is not None:
         return _instance
+    if _unavailable:
+        return None
     import ray
 
     if not ray.is_initialized():
@@ -189,12 +197,29 @@ def _metrics() -> _Metrics | None:
     return _create()
 
 
-def _create() -> _Metrics:
-    global _instance
+def _create() -> _Metrics | None:
+    global _instance, _unavailable
     with _lock:
-        if _instance is None:
-            _instance = _Metrics()
+        if _instance is None and not _unavailable:
+            try:
+                _instance = _Metrics()
+            except Exception:
+                _unavailable = True
+                logger.warning("platform metrics are off in this process", exc_info=True)
         return _instance
+
+
+def _never_raises(record: Callable[_P, None]) -> Callable[_P, None]:
+    """Recording a metric must never fail the request it measures."""
+
+    @functools.wraps(record)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            logger.debug("recording a metric failed", exc_info=True)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- helpers
@@ -214,6 +239,7 @@ def error_type_of(exc: BaseException | None) -> str:
     return "internal_error"
 
 
+@_never_raises
 def record_http(endpoint: str, method: str, status: int, seconds: float) -> None:
     """One request the gateway answered (``endpoint`` is its route template)."""
     m = _metrics()
@@ -225,6 +251,7 @@ def record_http(endpoint: str, method: str, status: int, seconds: float) -> None
     m.http_duration.observe(seconds, m.tags("endpoint", m.label(endpoint), "method", method))
 
 
+@_never_raises
 def record_error(error_type: str) -> None:
     """An error answered to a client (``error_type``: the wire ``type`` of the error)."""
     m = _metrics()
@@ -232,6 +259,7 @@ def record_error(error_type: str) -> None:
         m.errors.inc(1, m.tags("error_type", m.label(error_type)))
 
 
+@_never_raises
 def record_first_token(provider: str, model: str | None, seconds: float) -> None:
     """The first chunk of a turn arrived ``seconds`` after the turn started."""
     m = _metrics()
@@ -240,6 +268,7 @@ def record_first_token(provider: str, model: str | None, seconds: float) -> None
                                               "model", m.model(model)))
 
 
+@_never_raises
 def record_turn(
     provider: str, model: str | None, usage: Any, seconds: float, error: BaseException | None
 ) -> None:
@@ -261,6 +290,7 @@ def record_turn(
         m.output_tokens.inc(completion, tags)
 
 
+@_never_raises
 def record_provider_error(provider: str, error_type: str) -> None:
     """One failed provider call (also those a fallback recovered from)."""
     m = _metrics()
@@ -269,6 +299,7 @@ def record_provider_error(provider: str, error_type: str) -> None:
                                         "error_type", m.label(error_type)))
 
 
+@_never_raises
 def record_memory_search(operation: str, seconds: float) -> None:
     """One memory search (``operation``: 'search' for the API, 'context' for a turn)."""
     m = _metrics()
@@ -276,6 +307,7 @@ def record_memory_search(operation: str, seconds: float) -> None:
         m.memory_search.observe(seconds, m.tags("operation", m.label(operation)))
 
 
+@_never_raises
 def agent_link_opened() -> None:
     m = _metrics()
     if m is None:
@@ -285,6 +317,7 @@ def agent_link_opened() -> None:
     m.agent_connections.set(m.agent_links)
 
 
+@_never_raises
 def agent_link_closed() -> None:
     m = _metrics()
     if m is None:
