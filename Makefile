@@ -26,7 +26,7 @@ lint: install
 
 # Suites that start Ray run in their own pytest process, each with its own Ray instance.
 # pytest's exit code 5 means it collected nothing: a suite that runs nothing proves nothing.
-TEST_GROUPS ?= "tests/unit tests/providers tests/integration" tests/selfhosted tests/agent tests/serve
+TEST_GROUPS ?= "tests/unit tests/providers tests/integration" tests/selfhosted tests/agent tests/serve tests/ops
 
 test: lint
 	@failed=0; for group in $(TEST_GROUPS); do \
