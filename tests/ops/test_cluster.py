@@ -73,8 +73,6 @@ def test_losing_a_replica_of_each_stateless_deployment_under_load(stack: Stack) 
     finally:
         stack.upstream.reset()
     outcomes, report = load.outcomes, summary(load.outcomes)
-    print('KILLS', kills)
-    print('ODD', [(o.result, o.detail, o.chunks, o.started_at, o.responded_at, o.ended_at) for o in outcomes if o.result != 'done'])
     # Every request still waiting for its answer when a replica died got its answer (a later
     # loss may cut that answer short, which the next assertion covers).
     for name, moment in kills.items():
