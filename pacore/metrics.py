@@ -39,6 +39,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, ParamSpec
 
+from pacore.errors import PACoreError
+
 __all__ = [
     "DEFINITIONS",
     "MAX_MODELS",
@@ -228,8 +230,6 @@ def _never_raises(record: Callable[_P, None]) -> Callable[_P, None]:
 def error_type_of(exc: BaseException | None) -> str:
     """The bounded label for an exception: a platform error's type, 'cancelled' when the
     caller went away, else 'internal_error'."""
-    from pacore.errors import PACoreError
-
     if exc is None:
         return "none"
     if isinstance(exc, PACoreError):
