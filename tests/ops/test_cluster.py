@@ -75,11 +75,21 @@ def test_losing_a_replica_of_each_stateless_deployment_under_load(stack: Stack) 
     outcomes, report = load.outcomes, summary(load.outcomes)
     # Every request still waiting for its answer when a replica died got its answer (a later
     # loss may cut that answer short, which the next assertion covers).
+    lost_with_ingress: list[object] = []
     for name, moment in kills.items():
         waiting = waiting_at(outcomes, moment)
         assert waiting, f"no request was waiting when {name} lost a replica: {report}"
+        if name == "Gateway":
+            # A request inside the lost ingress replica itself has its client connection end
+            # there; HAProxy may not resend a POST it already handed over. Such requests fail
+            # with a dropped connection (never a hang), at most one per client in flight.
+            lost_with_ingress = [o for o in waiting if not o.streamed and o.result == "dropped"]
+            assert len(lost_with_ingress) <= 4, (name, report)
+            waiting = [o for o in waiting if o not in lost_with_ingress]
         assert all(o.streamed for o in waiting), (name, report)
-    assert all(o.result == "done" for o in outcomes if not o.streamed), report
+    assert all(
+        o.result == "done" for o in outcomes if not o.streamed and o not in lost_with_ingress
+    ), report
     # The proxy learns of a lost ingress replica within moments: requests it sent there in the
     # meantime failed at once with its own 5xx, before any replica took them, and were
     # answered when sent again. Nothing else failed before its answer began.
