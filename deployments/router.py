@@ -199,8 +199,7 @@ class RouterDeployment:
             targets=targets,
             default_provider=settings.default_provider,
             data_residency=settings.data_residency,
-            routing=settings.routing.model_dump() if hasattr(settings.routing, "model_dump")
-            else dict(settings.routing),
+            routing=settings.routing.model_dump(),
             fallbacks=list(settings.fallbacks),
         )
 
@@ -218,11 +217,8 @@ class RouterDeployment:
                 yield chunk
             return
         if target.kind in SELF_HOSTED_KINDS:
-            model = request.model or target.model or ""
-            provider = self._self_hosted.get(model)
-            if provider is None:
-                raise NotFoundError(f"model '{model}' is not served here", param="model")
-            async for chunk in provider.stream(request.model_copy(update={"model": model})):
+            provider, request = self._self_hosted_for(target, request)
+            async for chunk in provider.stream(request):
                 yield chunk
             return
         config = await self._config(user_id, target.provider)
@@ -254,11 +250,8 @@ class RouterDeployment:
             )
             return result
         if target.kind in SELF_HOSTED_KINDS:
-            model = request.model or target.model or ""
-            provider = self._self_hosted.get(model)
-            if provider is None:
-                raise NotFoundError(f"model '{model}' is not served here", param="model")
-            return await provider.complete(request.model_copy(update={"model": model}))
+            provider, request = self._self_hosted_for(target, request)
+            return await provider.complete(request)
         config = await self._config(user_id, target.provider)
         result = await _handles.call(
             self._providers[config.kind], "complete", user_id, config, request
@@ -276,6 +269,16 @@ class RouterDeployment:
         ))
 
     # ------------------------------------------------------------------ helpers
+
+    def _self_hosted_for(
+        self, target: Target, request: CompletionRequest
+    ) -> tuple[Provider, CompletionRequest]:
+        """The provider of the self-hosted model a request asks for, and the request naming it."""
+        model = request.model or target.model or ""
+        provider = self._self_hosted.get(model)
+        if provider is None:
+            raise NotFoundError(f"model '{model}' is not served here", param="model")
+        return provider, request.model_copy(update={"model": model})
 
     async def _config(self, user_id: str, name: str) -> ProviderConfig:
         for shared in self.args.shared_providers:
