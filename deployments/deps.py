@@ -18,9 +18,14 @@ __all__ = ["API_AUDIENCES", "Authed", "CurrentUser", "Gateway", "authenticate"]
 API_AUDIENCES = ("api", "session")
 
 
-def _gateway(request: Request) -> GatewayDeployment:
+def _gateway_of(request: Request) -> GatewayDeployment:
     gateway: GatewayDeployment = request.app.state.gateway
     return gateway
+
+
+async def _gateway(request: Request) -> GatewayDeployment:
+    # A coroutine: FastAPI would run a plain function in its thread pool, on every request.
+    return _gateway_of(request)
 
 
 Gateway = Annotated["GatewayDeployment", Depends(_gateway)]
@@ -46,7 +51,7 @@ async def authenticate(gw: GatewayDeployment, authorization: str | None) -> Auth
 
 
 async def _current_user(request: Request) -> Authed:
-    return await authenticate(_gateway(request), request.headers.get("authorization"))
+    return await authenticate(_gateway_of(request), request.headers.get("authorization"))
 
 
 CurrentUser = Annotated[Authed, Depends(_current_user)]

@@ -11,6 +11,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import _handles
 from pacore.config import PlatformArgs, Settings
+from pacore.db.changes import ReadCache
+from pacore.db.stores.records import ProviderRecord, UserSettings
 from pacore.db.stores.usage import UsageEntry
 from pacore.errors import NotFoundError
 from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
@@ -115,6 +117,8 @@ class RouterDeployment:
             agent_tools=self if agent_hub is not None else None,
         )
         self._usage = UsageWriter(self.services.stores.usage)
+        # What every turn reads (settings, providers, their keys), until a write changes it.
+        self._reads = ReadCache(self.services.db.changes)
         # Serve awaits the instance's __del__ on graceful shutdown (the class has none, so the
         # garbage collector never makes an un-awaited coroutine of it).
         self.__del__ = self.aclose
@@ -166,10 +170,7 @@ class RouterDeployment:
     async def routing_context(
         self, user_id: str, turn: TurnRequest | None = None
     ) -> RoutingContext:
-        stores = self.services.stores
-        settings, providers = await asyncio.gather(
-            stores.settings.get(user_id), stores.providers.list(user_id)
-        )
+        settings, providers = await self._user_setup(user_id)
         # In order of ownership, which decides when no preference does: the user's own
         # providers, then the user's agents, then what the platform offers.
         targets: dict[str, Target] = {}
@@ -280,15 +281,28 @@ class RouterDeployment:
             raise NotFoundError(f"model '{model}' is not served here", param="model")
         return provider, request.model_copy(update={"model": model})
 
+    async def _user_setup(self, user_id: str) -> tuple[UserSettings, list[ProviderRecord]]:
+        """The user's settings and providers, read once and cached until either changes."""
+        stores = self.services.stores
+
+        async def load() -> tuple[UserSettings, list[ProviderRecord]]:
+            settings, providers = await asyncio.gather(
+                stores.settings.get(user_id), stores.providers.list(user_id)
+            )
+            return settings, providers
+
+        return await self._reads.get(("setup", user_id), load)
+
     async def _config(self, user_id: str, name: str) -> ProviderConfig:
         for shared in self.args.shared_providers:
             if shared.name == name:
-                user_has_own = any(
-                    p.name == name for p in await self.services.stores.providers.list(user_id)
-                )
-                if not user_has_own:
+                _, providers = await self._user_setup(user_id)
+                if not any(p.name == name for p in providers):
                     return shared.config()
-        return await self.services.stores.providers.get_config(user_id, name)
+        stores = self.services.stores
+        return await self._reads.get(
+            ("config", user_id, name), lambda: stores.providers.get_config(user_id, name)
+        )
 
     async def _target_models(self, user_id: str, target: Target) -> list[str]:
         if target.is_agent or target.kind in SELF_HOSTED_KINDS:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from pacore.config import Settings
+from pacore.db.changes import ChangeCounter, change_counter_for
 
 __all__ = ["Database", "create_engine", "sqlite_path"]
 
@@ -75,14 +76,27 @@ class Database:
     """An engine and its session factory. Sessions do not expire objects on commit, so rows
     read inside a session can be turned into records after it."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, echo: bool = False,
+        changes: ChangeCounter | None = None,
+    ) -> None:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size, echo=echo)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.changes = changes
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
-        return cls(settings.resolved_database_url, pool_size=settings.database_pool_size)
+        url = settings.resolved_database_url
+        return cls(
+            url, pool_size=settings.database_pool_size,
+            changes=change_counter_for(settings.redis_url, sqlite_path(url)),
+        )
+
+    async def changed(self) -> None:
+        """Announce a committed write that replicas may have cached a read of."""
+        if self.changes is not None:
+            await self.changes.bump()
 
     @property
     def dialect(self) -> str:
@@ -103,6 +117,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.changes is not None:
+            await self.changes.aclose()
 
     def __repr__(self) -> str:
         return f"Database({make_url(self.url).render_as_string(hide_password=True)!r})"

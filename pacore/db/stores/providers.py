@@ -129,6 +129,7 @@ class ProviderStore(StoreBase):
                 for key, value in fields.items():
                     setattr(row, key, value)
                 row.updated_at = now
+        await self.db.changed()
         return _record(row)
 
     async def list(self, user_id: str) -> builtins.list[ProviderRecord]:
@@ -182,6 +183,7 @@ class ProviderStore(StoreBase):
             if row is None:
                 raise NotFoundError(f"provider '{name}' not found")
             await session.delete(row)
+        await self.db.changed()
 
     async def all_encrypted(self) -> builtins.list[EncryptedKey]:
         """Every stored key of every user, as ciphertext."""
@@ -220,6 +222,7 @@ class ProviderStore(StoreBase):
                 row.key_id = cipher.key_id
                 count += 1
         self.cipher = cipher
+        await self.db.changed()
         return count
 
     @staticmethod

@@ -41,4 +41,5 @@ class SettingsStore(StoreBase):
                     row.updated_at = utcnow()
         except IntegrityError as exc:
             raise integrity_error(exc, "settings changed concurrently; try again") from None
+        await self.db.changed()
         return value

@@ -9,6 +9,8 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
+from pacore.db.changes import ReadCache
+from pacore.db.engine import Database
 from pacore.db.models import ApiToken
 from pacore.db.stores._base import StoreBase, integrity_error, utcnow
 from pacore.db.stores.records import TokenAudience, TokenRecord
@@ -20,6 +22,10 @@ _AUDIENCES = set(get_args(TokenAudience))
 
 
 class TokenStore(StoreBase):
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self._liveness = ReadCache(db.changes)
+
     async def record(
         self, jti: str, user_id: str, name: str, aud: str, expires_at: datetime | None
     ) -> TokenRecord:
@@ -71,20 +77,26 @@ class TokenStore(StoreBase):
             row = await session.get(ApiToken, token_id, with_for_update=True)
             if row is None or row.user_id != user_id:
                 raise NotFoundError("token not found")
-            if row.revoked_at is None:
+            revoking = row.revoked_at is None
+            if revoking:
                 row.revoked_at = utcnow()
+        if revoking:
+            await self.db.changed()
         return TokenRecord.model_validate(row)
 
     async def is_active(self, jti: str) -> bool:
-        """True when the token was recorded, is not revoked and has not expired."""
-        now = utcnow()
-        query = select(ApiToken.id).where(
-            ApiToken.id == jti,
-            ApiToken.revoked_at.is_(None),
-            (ApiToken.expires_at.is_(None)) | (ApiToken.expires_at > now),
-        )
+        """True when the token was recorded, is not revoked and has not expired. Every request
+        asks, so the answer is cached until a revocation anywhere moves the change counter."""
+        live, expires_at = await self._liveness.get(jti, lambda: self._load_liveness(jti))
+        return live and (expires_at is None or expires_at > utcnow())
+
+    async def _load_liveness(self, jti: str) -> tuple[bool, datetime | None]:
+        query = select(ApiToken.revoked_at, ApiToken.expires_at).where(ApiToken.id == jti)
         async with self.db.session() as session:
-            return (await session.execute(query)).first() is not None
+            row = (await session.execute(query)).first()
+        if row is None:
+            return False, None
+        return row.revoked_at is None, row.expires_at
 
     async def touch(self, jti: str) -> None:
         """Note that the token was just used."""
@@ -92,3 +104,4 @@ class TokenStore(StoreBase):
             await session.execute(
                 update(ApiToken).where(ApiToken.id == jti).values(last_used_at=utcnow())
             )
+
