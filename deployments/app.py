@@ -52,7 +52,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     providers = {
         kind: _deploy(
             ProviderDeployment, f"Provider-{kind}", pargs, ProviderDeployment.DEFAULT_OPTIONS
-        ).bind(kind)
+        ).bind(kind, settings.stream_linger_ms / 1000)
         for kind in pargs.provider_kinds
     }
     self_hosted: dict[str, Any] = {}

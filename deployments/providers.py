@@ -36,8 +36,9 @@ class ProviderDeployment:
         "health_check_period_s": 10,
     }
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, linger_s: float = 0.0) -> None:
         self.kind = kind
+        self.linger_s = linger_s
         self._cache = ProviderCache()
 
     def _provider(self, user_id: str, config: ProviderConfig):  # type: ignore[no-untyped-def]
@@ -46,7 +47,8 @@ class ProviderDeployment:
     async def stream(
         self, user_id: str, config: ProviderConfig, request: CompletionRequest
     ) -> AsyncIterator[CompletionChunk]:
-        async for chunk in coalesce(self._provider(user_id, config).stream(request)):
+        stream = self._provider(user_id, config).stream(request)
+        async for chunk in coalesce(stream, linger_s=self.linger_s):
             yield chunk
 
     async def complete(

@@ -131,7 +131,8 @@ class RouterDeployment:
 
     async def run(self, user_id: str, turn: TurnRequest) -> AsyncIterator[TurnEvent]:
         """The turn's events; chunks that are ready together are merged into one."""
-        async for event in coalesce(self.orchestrator.run(user_id, turn)):
+        linger_s = self.settings.stream_linger_ms / 1000
+        async for event in coalesce(self.orchestrator.run(user_id, turn), linger_s=linger_s):
             yield event
 
     async def run_whole(self, user_id: str, turn: TurnRequest) -> list[TurnEvent]:

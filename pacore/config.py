@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger bodies get 413")
+    stream_linger_ms: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="after an answer's first chunk, each hop sends at most one message per this "
+        "many ms, merging the chunks that arrive meanwhile (0: merge only what is ready)",
+    )
     rate_limit_per_minute: int = Field(default=600, ge=0, description="per user; 0 disables")
     log_level: str = "INFO"
 

@@ -33,15 +33,21 @@ def merge_chunks(chunks: list[CompletionChunk]) -> CompletionChunk:
     )
 
 
-async def coalesce(source: AsyncIterator[T], *, max_items: int = 256) -> AsyncIterator[T]:
-    """Yield ``source``'s items, merging runs of chunks that arrived while the consumer was busy.
+async def coalesce(
+    source: AsyncIterator[T], *, linger_s: float = 0.0, max_items: int = 256
+) -> AsyncIterator[T]:
+    """Yield ``source``'s items, merging runs of chunks into one.
 
-    A reader task pulls from ``source`` into a queue; each yield takes every chunk queued. Items
-    that are not chunks (meta events) pass through unmerged and in order. The first chunk is
-    never held back waiting for company. Closing this generator cancels the reader and closes
+    A reader task pulls from ``source`` into a queue. The first chunk goes out at once; after
+    it, a run takes every chunk queued and, with ``linger_s``, those arriving until ``linger_s``
+    after the previous message went out — so a hop sends at most one message per ``linger_s``
+    while a fast answer streams, and an answer that streams slower than that passes chunk by
+    chunk, unchanged. Items that are not chunks (meta events, the end) pass through unmerged
+    and in order, and end a run at once. Closing this generator cancels the reader and closes
     ``source``.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
 
     async def reader() -> None:
         try:
@@ -53,20 +59,17 @@ async def coalesce(source: AsyncIterator[T], *, max_items: int = 256) -> AsyncIt
             queue.put_nowait(_DONE)
 
     task = asyncio.create_task(reader())
+    last_sent: float | None = None  # when the previous run went out; None before the first
     try:
         item: object = await queue.get()
         while True:
-            run: list[CompletionChunk] = []
-            while isinstance(item, CompletionChunk):
-                run.append(item)
-                if len(run) >= max_items or queue.empty():
-                    item = None
-                    break
-                item = queue.get_nowait()
-            if run:
+            if isinstance(item, CompletionChunk):
+                deadline = None if last_sent is None else last_sent + linger_s
+                run, item = await _take_run(queue, item, deadline, max_items, loop)
                 yield merge_chunks(run)  # type: ignore[misc]
-            if item is None:
-                item = await queue.get()
+                last_sent = loop.time()
+                if item is None:
+                    item = await queue.get()
                 continue
             if item is _DONE:
                 return
@@ -87,6 +90,29 @@ async def coalesce(source: AsyncIterator[T], *, max_items: int = 256) -> AsyncIt
                 await aclose()
             except Exception:  # noqa: BLE001 - closing must not mask the outcome
                 pass
+
+
+async def _take_run(
+    queue: asyncio.Queue[object], first: CompletionChunk, deadline: float | None,
+    max_items: int, loop: asyncio.AbstractEventLoop,
+) -> tuple[list[CompletionChunk], object]:
+    """``first`` and the chunks after it that are queued or arrive before ``deadline``; and the
+    item that ended the run (None when the run ended for lack of chunks)."""
+    run = [first]
+    while len(run) < max_items:
+        if not queue.empty():
+            item = queue.get_nowait()
+        elif deadline is not None and (remaining := deadline - loop.time()) > 0:
+            try:
+                item = await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                break
+        else:
+            break
+        if not isinstance(item, CompletionChunk):
+            return run, item
+        run.append(item)
+    return run, None
 
 
 class _Failure:

@@ -220,3 +220,29 @@ async def test_coalesce_propagates_errors_and_closes_source():
         async for _ in coalesce(source()):
             pass
     assert closed == [True]
+
+
+async def _paced(n: int, gap_s: float) -> AsyncIterator[object]:
+    yield "started"
+    for i in range(n):
+        await asyncio.sleep(gap_s)
+        yield CompletionChunk(content=f"{i},")
+    yield "done"
+
+
+async def test_coalesce_lingers_after_the_first_chunk():
+    # 30 chunks 1 ms apart through a hop that sends at most one message per 10 ms: the first
+    # chunk alone, the rest in a few merged messages, nothing lost or reordered, and the end
+    # event is never held back.
+    out = [x async for x in coalesce(_paced(30, 0.001), linger_s=0.010)]
+    assert out[0] == "started" and out[-1] == "done"
+    chunks = out[1:-1]
+    assert chunks[0].content == "0,"
+    assert "".join(c.content for c in chunks) == "".join(f"{i}," for i in range(30))
+    assert len(chunks) < 15
+
+
+async def test_coalesce_passes_a_slow_stream_chunk_by_chunk():
+    # Chunks further apart than the linger are never merged (nothing waits for company).
+    out = [x async for x in coalesce(_paced(5, 0.030), linger_s=0.002)]
+    assert [c.content for c in out[1:-1]] == ["0,", "1,", "2,", "3,", "4,"]
