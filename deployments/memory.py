@@ -75,6 +75,10 @@ class HandleEmbedder:
         result: list[list[float]] = await self._handle.embed.remote(list(texts))
         return result
 
+    async def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._handle.info.remote()
+        return result
+
 
 class MemoryDeployment:
     """Builds the database, the conversation store, the vector index and the manager on first
@@ -115,7 +119,18 @@ class MemoryDeployment:
         [probe] = await self._embedder.embed_queries(["dimension probe"])
         index = await _open_index(self.settings, len(probe))
         self._db = Database.from_settings(self.settings)
-        return MemoryManager(ConversationStore(self._db), index, self._embedder, self.settings)
+        window = await self._embedder_window()
+        return MemoryManager(
+            ConversationStore(self._db), index, self._embedder, self.settings, window_chars=window
+        )
+
+    async def _embedder_window(self) -> int | None:
+        """The model's window in tokens, from the Embedder deployment (None: ask the embedder
+        object itself)."""
+        if not isinstance(self._embedder, HandleEmbedder):
+            return None
+        info: dict[str, Any] = await self._embedder.info()
+        return int(info.get("max_tokens") or 0)
 
     # ------------------------------------------------------------------ turns and search
 
@@ -131,6 +146,7 @@ class MemoryDeployment:
         latency_ms: float | None = None,
         tags: list[str] | None = None,
         new: bool = False,
+        known_vector: tuple[str, list[float]] | None = None,
     ) -> tuple[str, list[str]]:
         manager = await self._get()
         return await manager.store_turn(
@@ -143,6 +159,7 @@ class MemoryDeployment:
             latency_ms=latency_ms,
             tags=tags,
             new=new,
+            known_vector=known_vector,
         )
 
     async def search(

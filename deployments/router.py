@@ -64,12 +64,13 @@ class _HandleMemory:
     def store_turn(
         self, user_id: str, conversation_id: str, messages: list[Message], *, provider: str,
         model: str, usage: Usage, latency_ms: float, tags: list[str] | None, new: bool,
+        known_vector: tuple[str, list[float]] | None = None,
     ) -> None:
         task = asyncio.ensure_future(
             _handles.call(
                 self._memory, "store_turn", user_id, conversation_id, messages,
                 provider=provider, model=model, usage=usage, latency_ms=latency_ms, tags=tags,
-                new=new,
+                new=new, known_vector=known_vector,
             )
         )
         self._pending.add(task)

@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     )
     embedding_device: Literal["auto", "cpu", "cuda"] = "auto"
     embedding_batch_size: int = Field(default=64, ge=1)
-    embedding_batch_wait_s: float = Field(default=0.005, ge=0)
+    embedding_batch_wait_s: float = Field(
+        default=0.0, ge=0,
+        description="how long a batch waits for more texts after its first; at 0 a batch is "
+        "what queued while the previous one was encoding (no wait added at low load)",
+    )
     hf_offline: bool = Field(
         default=False,
         description="self-hosted models load only from local directories or the Hugging Face "

@@ -125,8 +125,10 @@ class MemoryClient(Protocol):
     def store_turn(
         self, user_id: str, conversation_id: str, messages: list[Message], *, provider: str,
         model: str, usage: Usage, latency_ms: float, tags: list[str] | None, new: bool,
+        known_vector: tuple[str, list[float]] | None = None,
     ) -> None:
-        """Fire and forget: write the turn (SQL first, vectors later)."""
+        """Fire and forget: write the turn (SQL first, vectors later). ``known_vector`` is the
+        query's text and embedding, so that the stored question is not encoded again."""
 
 
 class RoutingSource(Protocol):
@@ -242,6 +244,7 @@ class Orchestrator:
                  Message(role="assistant", content=text, tool_calls=answer.tool_calls())],
                 provider=target.provider, model=model, usage=answer.usage,
                 latency_ms=latency_ms, tags=turn.tags, new=new_conversation,
+                known_vector=(_query_text(turn.messages), vector) if vector is not None else None,
             )
         yield TurnDone(
             turn.request_id, conversation_id, target.provider, model, answer.usage,

@@ -111,6 +111,8 @@ class MemoryManager:
         index: VectorIndex,
         embed: TextEmbedder | EmbedFn,
         settings: Settings,
+        *,
+        window_chars: int | None = None,
     ) -> None:
         self._store = store
         self._index = index
@@ -121,6 +123,12 @@ class MemoryManager:
             counter
             if callable(counter) and not asyncio.iscoroutinefunction(counter)
             else _estimate_tokens
+        )
+        # A text of at most this many characters is one window of the model (a token covers at
+        # least one character), so a vector the caller already has for it is what indexing
+        # would compute: it is reused instead of encoding the text again.
+        self._window_chars = int(
+            window_chars if window_chars is not None else getattr(embed, "max_tokens", 0) or 0
         )
         # Background indexing tasks, by conversation, so deletes and tag edits can wait for
         # the vectors they must change to exist first.
@@ -144,9 +152,11 @@ class MemoryManager:
         latency_ms: float | None = None,
         tags: Sequence[str] | None = None,
         new: bool = False,
+        known_vector: tuple[str, Sequence[float]] | None = None,
     ) -> tuple[str, list[str]]:
         """Append a turn to its conversation and return ``(conversation_id, ids of the stored
-        messages)``. The conversation is a new one when ``conversation_id`` is None, or when
+        messages)``. ``known_vector`` is ``(text, its embedding)`` the caller already computed
+        (the query's), reused for a message with that text instead of encoding it again. The conversation is a new one when ``conversation_id`` is None, or when
         ``new`` says the caller chose its id (the Router announces it before the turn is stored).
 
         Messages a client sends again (OpenAI-style clients resend the whole history) are
@@ -174,7 +184,10 @@ class MemoryManager:
                 )
             rows.append(NewMessage.from_message(message, **meta))
         records = await self._store.add_messages(user_id, conversation.id, rows)
-        self._index_later(conversation.id, records)
+        known = {}
+        if known_vector is not None and 0 < len(known_vector[0]) <= self._window_chars:
+            known[known_vector[0]] = list(known_vector[1])
+        self._index_later(conversation.id, records, known)
         return conversation.id, [r.id for r in records]
 
     async def _conversation_for(
@@ -205,16 +218,23 @@ class MemoryManager:
                 return list(messages[k:])
         return list(messages)
 
-    def _index_later(self, conversation_id: str, records: Sequence[MessageRecord]) -> None:
-        task = asyncio.get_running_loop().create_task(self._index_with_retry(list(records)))
+    def _index_later(
+        self, conversation_id: str, records: Sequence[MessageRecord],
+        known: dict[str, Vector] | None = None,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._index_with_retry(list(records), known or {})
+        )
         self._pending[task] = conversation_id
         task.add_done_callback(self._pending.pop)
 
-    async def _index_with_retry(self, records: list[MessageRecord]) -> None:
+    async def _index_with_retry(
+        self, records: list[MessageRecord], known: dict[str, Vector]
+    ) -> None:
         delay = _INDEX_BACKOFF_S
         for attempt in range(1, _INDEX_RETRIES + 1):
             try:
-                await self._index_records(records)
+                await self._index_records(records, known)
                 return
             except asyncio.CancelledError:
                 raise
@@ -231,12 +251,21 @@ class MemoryManager:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _INDEX_BACKOFF_MAX_S)
 
-    async def _index_records(self, records: Sequence[MessageRecord]) -> int:
-        """Embed and upsert ``records`` (those with text); returns the points written."""
+    async def _index_records(
+        self, records: Sequence[MessageRecord], known: dict[str, Vector] | None = None
+    ) -> int:
+        """Embed and upsert ``records`` (those with text); returns the points written. A record
+        whose text is in ``known`` (one window, already embedded) is not encoded again."""
         todo = [r for r in records if r.content.strip()]
         if not todo:
             return 0
-        chunked = await self._embedder.embed_chunks([r.content for r in todo])
+        known = known or {}
+        encode = [r.content for r in todo if r.content not in known]
+        encoded = iter(await self._embedder.embed_chunks(encode) if encode else [])
+        chunked = [
+            [(r.content, known[r.content])] if r.content in known else next(encoded)
+            for r in todo
+        ]
         points = [
             VectorPoint(
                 message_id=r.id,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qdrant_client import AsyncQdrantClient
@@ -488,3 +489,35 @@ def test_memory_deployment_options() -> None:
     assert 0 < embedded["ray_actor_options"]["num_cpus"] < 1
     served = MemoryDeployment.options_for(Settings(qdrant_url="http://qdrant:6333"))
     assert "num_replicas" not in served and served["autoscaling_config"]["max_replicas"] > 1
+
+
+async def test_the_query_vector_is_reused_for_the_stored_question(
+    db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
+) -> None:
+    encoded: list[str] = []
+
+    class Counting:
+        max_tokens = embedder.max_tokens
+
+        async def embed_chunks(self, texts: Sequence[str]) -> Any:
+            encoded.extend(texts)
+            return await embedder.embed_chunks(texts)
+
+        async def embed_queries(self, texts: Sequence[str]) -> Any:
+            return await embedder.embed_queries(texts)
+
+    manager = MemoryManager(ConversationStore(db), index, Counting(), settings(tmp_path))
+    question = "how do I sort a list in python"
+    [vector] = await embedder.embed_queries([question])
+    await manager.store_turn(
+        users.alice, None, turn(question, SORTED_ANSWER), known_vector=(question, vector)
+    )
+    long_question = "word " * (embedder.max_tokens + 10)  # more than one window: encoded
+    await manager.store_turn(
+        users.alice, None, turn(long_question, "ok"), known_vector=(long_question, vector)
+    )
+    await manager.flush()
+    assert sorted(encoded) == sorted([SORTED_ANSWER, long_question, "ok"])
+    [hit] = await manager.search(users.alice, question, limit=1)
+    assert hit.content == question and hit.score > 0.99
+    await manager.close()
