@@ -65,6 +65,7 @@ class EmbedderDeployment:
         if not isinstance(settings, Settings):
             settings = Settings(**(settings or {}))
         self.settings = settings
+        _limit_cpu_threads()
         self.embedder = embedder or Embedder.from_settings(settings)
         self._encode_one = serve.batch(
             max_batch_size=settings.embedding_batch_size,
@@ -116,6 +117,20 @@ class EmbedderDeployment:
             "max_tokens": e.max_tokens,
             "device": e.device,
         }
+
+
+def _limit_cpu_threads() -> None:
+    """Encode with as many threads as the replica reserved cores (at least one). Torch would
+    start one per core of the machine, and its idle threads spin: on a small machine they burn
+    the cores the rest of the graph serves requests with (twice the CPU per encode on 2 cores
+    for a fraction of the speed-up)."""
+    import ray
+    import torch
+
+    if not ray.is_initialized():
+        return
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    torch.set_num_threads(max(1, int(reserved)))
 
 
 def _texts(texts: Sequence[str]) -> list[str]:

@@ -155,9 +155,11 @@ class MemoryManager:
         known_vector: tuple[str, Sequence[float]] | None = None,
     ) -> tuple[str, list[str]]:
         """Append a turn to its conversation and return ``(conversation_id, ids of the stored
-        messages)``. ``known_vector`` is ``(text, its embedding)`` the caller already computed
-        (the query's), reused for a message with that text instead of encoding it again. The conversation is a new one when ``conversation_id`` is None, or when
-        ``new`` says the caller chose its id (the Router announces it before the turn is stored).
+        messages)``. The conversation is a new one when ``conversation_id`` is None, or when
+        ``new`` says the caller chose its id (the Router announces it before the turn is stored);
+        a new conversation and its first messages are written in one transaction.
+        ``known_vector`` is ``(text, its embedding)`` the caller already computed (the query's),
+        reused for a message with that text instead of encoding it again.
 
         Messages a client sends again (OpenAI-style clients resend the whole history) are
         recognised as the stored tail of the conversation and not stored twice. The provider is
@@ -166,10 +168,14 @@ class MemoryManager:
         from pacore.db.stores.records import NewMessage
 
         fresh_conversation = new or conversation_id is None
-        conversation = await self._conversation_for(user_id, conversation_id, tags, new)
-        fresh = await self._unstored(user_id, conversation.id, messages, fresh_conversation)
-        if not fresh:
-            return conversation.id, []
+        if fresh_conversation:
+            fresh = list(messages)
+        else:
+            assert conversation_id is not None
+            conversation = await self._conversation_for(user_id, conversation_id, tags, new)
+            fresh = await self._unstored(user_id, conversation.id, messages, False)
+            if not fresh:
+                return conversation.id, []
         usage = usage or Usage()
         answer = max((i for i, m in enumerate(fresh) if m.role == "assistant"), default=None)
         rows = []
@@ -183,7 +189,12 @@ class MemoryManager:
                     latency_ms=latency_ms,
                 )
             rows.append(NewMessage.from_message(message, **meta))
-        records = await self._store.add_messages(user_id, conversation.id, rows)
+        if fresh_conversation:
+            conversation, records = await self._store.start(
+                user_id, rows, tags, conversation_id=conversation_id
+            )
+        else:
+            records = await self._store.add_messages(user_id, conversation.id, rows)
         known = {}
         if known_vector is not None and 0 < len(known_vector[0]) <= self._window_chars:
             known[known_vector[0]] = list(known_vector[1])

@@ -366,6 +366,26 @@ async def test_agent_lifecycle_and_revocation(stores: Stores) -> None:
 # ---------------------------------------------------------------------------------- conversations
 
 
+async def test_a_conversation_starts_with_its_first_messages(stores: Stores) -> None:
+    a, b = await two_users(stores)
+    conv, messages = await stores.conversations.start(
+        a, turn("  Where is   Paris? "), ["geo", "geo"], conversation_id="conv-chosen"
+    )
+    assert conv.id == "conv-chosen" and conv.tags == ["geo"] and conv.message_count == 2
+    assert conv.title == "Where is Paris?"
+    assert [(m.seq, m.role, m.tags) for m in messages] == [(1, "user", ["geo"]),
+                                                           (2, "assistant", ["geo"])]
+    full = await stores.conversations.get(a, "conv-chosen")
+    assert [m.id for m in full.messages or []] == [m.id for m in messages]
+    # The id is taken (by anyone): nothing of the second attempt is kept.
+    with pytest.raises(ConflictError):
+        await stores.conversations.start(b, turn("again?"), conversation_id="conv-chosen")
+    with pytest.raises(NotFoundError):
+        await stores.conversations.start("no-such-user", turn("who?"))
+    assert (await stores.conversations.get(a, "conv-chosen")).message_count == 2
+    assert (await stores.conversations.list(b))[0] == []
+
+
 async def test_messages_are_ordered_titled_and_tagged(stores: Stores) -> None:
     a, _ = await two_users(stores)
     conv = await stores.conversations.create(a, tags=["work", "work", " eu "])

@@ -93,6 +93,41 @@ class ConversationStore(StoreBase):
             raise integrity_error(exc, "conversation already exists") from None
         return _conversation(row, 0, None)
 
+    async def start(
+        self,
+        user_id: str,
+        messages: Sequence[NewMessage],
+        tags: Sequence[str] | None = None,
+        *,
+        conversation_id: str | None = None,
+    ) -> tuple[ConversationRecord, builtins.list[MessageRecord]]:
+        """A new conversation holding its first ``messages``, in one transaction (a turn that
+        starts a conversation costs one commit, not two); titled after its first user message."""
+        now = utcnow()
+        conv = Conversation(
+            id=conversation_id or new_id(),
+            user_id=user_id,
+            title=_title_from(messages),
+            tags=clean_tags(tags),
+            created_at=now,
+            updated_at=now,
+        )
+        rows = [
+            Message(
+                id=new_id(), user_id=user_id, conversation_id=conv.id, seq=i + 1,
+                tags=list(conv.tags), created_at=now, **m.model_dump(),
+            )
+            for i, m in enumerate(messages)
+        ]
+        try:
+            async with self.db.transaction() as session:
+                session.add(conv)
+                await session.flush()  # the conversation before its messages (foreign key)
+                session.add_all(rows)
+        except IntegrityError as exc:
+            raise integrity_error(exc, "conversation already exists") from None
+        return _conversation(conv, len(rows)), [MessageRecord.model_validate(r) for r in rows]
+
     async def get(
         self, user_id: str, conversation_id: str, with_messages: bool = True
     ) -> ConversationRecord:
