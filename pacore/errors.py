@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "ConfigurationError",
     "ConflictError",
     "ContextLengthError",
     "NotFoundError",
@@ -100,6 +101,10 @@ class PACoreError(Exception):
 
 def _rebuild(cls: type[PACoreError], message: str, fields: dict[str, Any]) -> PACoreError:
     return cls(message, **fields)
+
+
+class ConfigurationError(PACoreError):
+    """The platform is configured in a way it must not run with."""
 
 
 class BadRequestError(PACoreError):

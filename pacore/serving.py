@@ -53,6 +53,10 @@ def fast_mode_env(host: str, data_dir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        # A request whose gateway replica dies before answering a byte (killed, its node lost)
+        # is sent to another replica instead of failing; by default HAProxy only resends when
+        # it could not connect. A request larger than HAProxy's buffer cannot be resent.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
         # Long streams: a client may read for many minutes.
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "3600",
         # On one machine HAProxy learns of a replica leaving within a reload (~0.1 s); Ray's

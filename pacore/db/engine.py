@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
 
 from pacore.config import Settings
 from pacore.db.changes import ChangeCounter, change_counter_for
+from pacore.errors import ConfigurationError
 
 __all__ = ["Database", "create_engine", "sqlite_path"]
 
@@ -87,6 +88,12 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
+        if not settings.embedded and not settings.database_url:
+            raise ConfigurationError(
+                "production mode needs PACORE_DATABASE_URL (e.g. "
+                "postgresql+asyncpg://user:password@host/db): the embedded SQLite file serves "
+                "one machine only"
+            )
         url = settings.resolved_database_url
         return cls(
             url, pool_size=settings.database_pool_size,

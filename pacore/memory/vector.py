@@ -606,5 +606,12 @@ async def open_index(settings: Settings, dimension: int, *, reset: bool = False)
     """The index the settings name: a Qdrant server when ``qdrant_url`` is set, else embedded."""
     if settings.qdrant_url:
         return await QdrantServerIndex.from_settings(settings, dimension, reset=reset)
+    if not settings.embedded:
+        from pacore.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "production mode needs PACORE_QDRANT_URL (a Qdrant server): the embedded vector "
+            "index belongs to one process on one machine"
+        )
     path = settings.data_dir / "vectors" / settings.qdrant_collection
     return await asyncio.to_thread(QdrantEdgeIndex.open, path, dimension, reset=reset)

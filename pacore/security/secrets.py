@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import SecretBytes, SecretStr
 
 from pacore.config import PLACEHOLDER_SECRETS, Settings
-from pacore.errors import PACoreError
+from pacore.errors import ConfigurationError, PACoreError
 from pacore.security.crypto import AesGcmCipher, decode_master_key, generate_master_key
 from pacore.security.tokens import TokenService
 
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 MIN_SECRET_LEN = 32
 _GEN_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 _GEN_MASTER = "python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'"
-
-
-class ConfigurationError(PACoreError):
-    """The platform is configured in a way it must not run with."""
 
 
 @dataclass(frozen=True)
