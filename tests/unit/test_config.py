@@ -93,3 +93,19 @@ def test_public_dict_keeps_secrets_secret() -> None:
     dumped = settings.public_dict()
     assert "config_file" not in dumped
     assert "top-secret-key" not in repr(dumped) and "bWFzdGVy" not in repr(dumped)
+
+
+def test_production_mode_names_its_stores(tmp_path: Path) -> None:
+    # Nothing in production falls back to a file on one replica's disk.
+    import asyncio
+
+    from pacore.db.engine import Database
+    from pacore.errors import ConfigurationError
+    from pacore.memory.vector import open_index
+
+    production = Settings(mode="production", data_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match="PACORE_DATABASE_URL"):
+        Database.from_settings(production)
+    with pytest.raises(ConfigurationError, match="PACORE_QDRANT_URL"):
+        asyncio.run(open_index(production, 8))
+    assert not (tmp_path / "pacore.db").exists() and not (tmp_path / "vectors").exists()

@@ -10,6 +10,7 @@ from pacore import errors
 from pacore.errors import (
     AuthenticationError,
     BadRequestError,
+    ConfigurationError,
     ConflictError,
     ContextLengthError,
     NotFoundError,
@@ -26,6 +27,7 @@ from pacore.errors import (
 
 CLASSES: list[tuple[type[PACoreError], int, str, bool]] = [
     (PACoreError, 500, "internal_error", False),
+    (ConfigurationError, 500, "internal_error", False),
     (BadRequestError, 400, "invalid_request_error", False),
     (ContextLengthError, 400, "invalid_request_error", False),
     (AuthenticationError, 401, "authentication_error", False),
