@@ -75,9 +75,15 @@ def new_http_client(
     return httpx.AsyncClient(**kwargs)  # type: ignore[arg-type]
 
 
-def new_sdk_http_client(*, timeout_s: float, connect_timeout_s: float = 5.0) -> httpx2.AsyncClient:
-    """The same timeouts and pool limits for the official SDKs, which are built on ``httpx2``."""
-    return httpx2.AsyncClient(
+def new_sdk_http_client(
+    client_cls: type[httpx2.AsyncClient], *, timeout_s: float, connect_timeout_s: float = 5.0
+) -> httpx2.AsyncClient:
+    """An official SDK's HTTP client with the platform's timeouts and pool limits.
+
+    ``client_cls`` is the SDK's own ``DefaultAioHttpClient``: the SDK's request and response
+    handling over aiohttp's transport, which costs about a third less CPU per request than
+    the default one (measured with the loopback upstream)."""
+    return client_cls(
         timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s),
         limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30),
     )
@@ -153,6 +159,8 @@ def translate_transport_error(exc: BaseException, provider: str) -> PACoreError:
     """Map a network-level failure (no HTTP answer) to a platform error."""
     if isinstance(exc, PACoreError):
         return exc
+    if _could_not_connect(exc):
+        return UpstreamUnavailableError(f"{provider}: cannot connect to upstream", provider=provider)
     if isinstance(exc, httpx.TimeoutException | httpx2.TimeoutException | asyncio.TimeoutError):
         return TimeoutError(f"{provider}: upstream timed out", provider=provider)
     if isinstance(exc, httpx.ConnectError | httpx2.ConnectError):
@@ -162,6 +170,21 @@ def translate_transport_error(exc: BaseException, provider: str) -> PACoreError:
     if isinstance(exc, httpx.HTTPError | httpx2.HTTPError):
         return UpstreamError(f"{provider}: upstream transport error", provider=provider)
     return UpstreamError(f"{provider}: unexpected upstream failure", provider=provider)
+
+
+def _could_not_connect(exc: BaseException) -> bool:
+    """Whether the upstream refused the connection or could not be reached at all (aiohttp's
+    transport reports that as a connect *timeout*; the cause says what happened)."""
+    import aiohttp
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError | aiohttp.ClientConnectorError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def call_with_retries(

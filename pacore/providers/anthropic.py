@@ -89,6 +89,7 @@ class AnthropicProvider(Provider):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._http = new_sdk_http_client(
+            anthropic.DefaultAioHttpClient,
             timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s
         )
         # Given on every call, so that the SDK never swaps in a timeout of its own choosing.

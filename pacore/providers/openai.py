@@ -224,9 +224,9 @@ def translate_openai_error(exc: BaseException, provider: str) -> PACoreError:
         if _error_code(exc.body) == "context_length_exceeded":
             return ContextLengthError(error.message, provider=provider)
         return error
-    if isinstance(exc, openai.APITimeoutError):
-        return TimeoutError(f"{provider}: upstream timed out", provider=provider)
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError):  # a timeout is one
+        if exc.__cause__ is None and isinstance(exc, openai.APITimeoutError):
+            return TimeoutError(f"{provider}: upstream timed out", provider=provider)
         return translate_transport_error(exc.__cause__ or exc, provider)
     if isinstance(exc, openai.APIError):
         # An error event inside a stream: the upstream failed after answering 200.
@@ -259,6 +259,7 @@ class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._http = new_sdk_http_client(
+            openai.DefaultAioHttpClient,
             timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s
         )
         self._client = AsyncOpenAI(
