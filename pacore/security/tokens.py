@@ -11,6 +11,7 @@ the caller's to check, because it needs the database: pass the store's ``is_acti
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ __all__ = ["ALGORITHMS", "Audience", "Claims", "IssuedToken", "TokenService"]
 Audience = Literal["api", "agent", "session"]
 ALGORITHMS = ("HS256", "HS384", "HS512")
 ISSUER = "pacore"
+VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class TokenService:
             raise PACoreError("the JWT signing secret is empty")
         self._secret = value
         self.algorithm = algorithm
+        # Checking a signature is most of what authenticating a request costs; a token that
+        # verified once verifies again until it expires (only the clock changes its answer).
+        self._verified: OrderedDict[tuple[str, tuple[str, ...]], Claims] = OrderedDict()
 
     def issue(
         self,
@@ -85,6 +90,21 @@ class TokenService:
     def verify(self, token: str, aud: str | Collection[str]) -> Claims:
         """The token's claims, or AuthenticationError when the token is not valid for ``aud``
         (one audience or any of several)."""
+        key = (token, (aud,) if isinstance(aud, str) else tuple(aud))
+        claims = self._verified.get(key)
+        if claims is not None:
+            if claims.exp is not None and claims.exp <= datetime.now(UTC):
+                del self._verified[key]
+                raise AuthenticationError("token expired", code="token_expired")
+            self._verified.move_to_end(key)
+            return claims
+        claims = self._verify(token, aud)
+        self._verified[key] = claims
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _verify(self, token: str, aud: str | Collection[str]) -> Claims:
         try:
             # Checked before decoding too, so that no other algorithm is ever tried.
             if jwt.get_unverified_header(token).get("alg") != self.algorithm:

@@ -115,6 +115,25 @@ def test_expired_token_is_rejected(service: TokenService) -> None:
     assert caught.value.code == "token_expired"
 
 
+def test_a_verified_token_still_expires_and_still_needs_its_audience(
+    service: TokenService,
+) -> None:
+    import time
+
+    issued = service.issue("user-1", "api", timedelta(seconds=1))
+    assert service.verify(issued.token, "api").sub == "user-1"
+    assert service.verify(issued.token, "api").sub == "user-1"  # verified once, remembered
+    with pytest.raises(AuthenticationError):
+        service.verify(issued.token, "agent")  # remembered per audience, never across
+    time.sleep(1.1)
+    with pytest.raises(AuthenticationError) as caught:
+        service.verify(issued.token, "api")
+    assert caught.value.code == "token_expired"
+    forged = issued.token[:-2] + ("AA" if not issued.token.endswith("AA") else "BB")
+    with pytest.raises(AuthenticationError):
+        service.verify(forged, "api")
+
+
 def test_other_configured_algorithm_rejects_hs256() -> None:
     hs512 = TokenService(SECRET, "HS512")
     hs256_token = TokenService(SECRET, "HS256").issue("u", "api", timedelta(minutes=1)).token
