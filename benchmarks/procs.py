@@ -16,6 +16,7 @@ __all__ = [
     "ProcInfo",
     "cpu_delta_s",
     "processes",
+    "pss_bytes",
     "rss_by_process",
     "rss_bytes",
     "snapshot",
@@ -125,6 +126,23 @@ def _resident(pid: int) -> int:
 def rss_bytes(root: int) -> int:
     """Resident memory summed over the system's processes."""
     return sum(_resident(p.pid) for p in processes(root))
+
+
+def _proportional(pid: int) -> int:
+    try:
+        for line in (PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def pss_bytes(root: int) -> int:
+    """Proportional memory summed over the system's processes: a page shared by n processes
+    (the interpreter, Ray's core library, the SDKs) counts 1/n in each, so the sum is what the
+    system occupies, where summed RSS counts every shared page once per process."""
+    return sum(_proportional(p.pid) for p in processes(root))
 
 
 def process_name(argv: list[str]) -> str:

@@ -122,6 +122,8 @@ def goals(agg: Aggregate, systems: dict[str, dict[str, Any]],
                        systems.get(PA_OFF, {}).get("ready_s"), None, " s"),
         _quantity_goal("whole graph RSS at idle (all its processes)",
                        systems.get(PA_ON, {}).get("rss_idle_mb"), 2048.0, " MB"),
+        _quantity_goal("whole graph PSS at idle (shared pages counted once)",
+                       systems.get(PA_ON, {}).get("pss_idle_mb"), None, " MB"),
     ]
     return out + memory_goals(memory)
 

@@ -164,6 +164,7 @@ def measure_idle(root: int, record: dict[str, Any]) -> None:
     cpu_s = procs.cpu_delta_s(before, procs.snapshot(root))
     record.setdefault("idle_cpu_pct", []).append(100 * cpu_s / SETTLE_S)
     record.setdefault("rss_idle_mb", []).append(procs.rss_bytes(root) / 2**20)
+    record.setdefault("pss_idle_mb", []).append(procs.pss_bytes(root) / 2**20)
     record.setdefault("rss_idle_by_process", procs.rss_by_process(root))
 
 

@@ -302,3 +302,10 @@ def test_bare_ingress_recognizes_stream_bodies() -> None:
     assert _STREAM.search(b'{"model": "m", "stream": true}')
     assert _STREAM.search(b'{"stream":true}')
     assert not _STREAM.search(b'{"model": "m", "stream": false}')
+
+
+def test_proportional_memory_never_exceeds_resident_memory() -> None:
+    import os
+
+    me = os.getpid()
+    assert 0 < procs.pss_bytes(me) <= procs.rss_bytes(me)
