@@ -141,8 +141,10 @@ async def test_clients_carry_the_timeouts() -> None:
     assert (client.timeout.read, client.timeout.connect) == (12, 3)
     assert client.headers["x-a"] == "b"
     await client.aclose()
-    sdk = new_sdk_http_client(timeout_s=12, connect_timeout_s=3)
-    assert isinstance(sdk, httpx2.AsyncClient)
+    import openai
+
+    sdk = new_sdk_http_client(openai.DefaultAioHttpClient, timeout_s=12, connect_timeout_s=3)
+    assert isinstance(sdk, openai.DefaultAioHttpClient) and isinstance(sdk, httpx2.AsyncClient)
     assert (sdk.timeout.read, sdk.timeout.connect) == (12, 3)
     await sdk.aclose()
 
