@@ -18,6 +18,7 @@ from pacore.agents.bus import Bus, InMemoryBus, RedisBus
 from pacore.agents.hub import AgentHub, HubConfig, LinkClosed
 from pacore.config import Settings
 from pacore.errors import NotFoundError
+from pacore.logs import to_replica_log
 from pacore.metrics import agent_link_closed, agent_link_opened
 
 __all__ = ["DEFAULT_OPTIONS", "AgentHubDeployment", "AgentStoreDirectory"]
@@ -93,6 +94,7 @@ class AgentHubDeployment(AgentHub):
     ) -> None:
         if not isinstance(settings, Settings):
             settings = Settings(**(settings or {}))
+        to_replica_log(settings.log_level)
         self._db: Any = None
         super().__init__(
             bus_for(settings, bus_prefix),

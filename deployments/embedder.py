@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from ray import serve
 
 from pacore.config import Settings
 from pacore.errors import BadRequestError
+from pacore.logs import to_replica_log
 from pacore.memory.embedder import Embedder, Vector
 
-__all__ = ["DEFAULT_OPTIONS", "EmbedderDeployment", "gpu_options", "options_for"]
+__all__ = ["DEFAULT_OPTIONS", "EmbedderDeployment", "EncodeTurns", "gpu_options", "options_for"]
 
 # A replica is CPU-bound while it encodes; a quarter of a CPU as its reservation keeps the graph
 # schedulable on a 2-core laptop (the model still uses every core torch gives it). Requests are
@@ -65,23 +68,40 @@ class EmbedderDeployment:
         if not isinstance(settings, Settings):
             settings = Settings(**(settings or {}))
         self.settings = settings
+        to_replica_log(settings.log_level)
         _limit_cpu_threads()
         self.embedder = embedder or Embedder.from_settings(settings)
-        self._encode_one = serve.batch(
+        # Two queues, one model: queries (someone is waiting for the answer) and documents
+        # (memory indexing, off every response path). Batches take turns on the model, and a
+        # waiting query batch always goes before a waiting document batch.
+        self._turns = EncodeTurns()
+        batching = serve.batch(
             max_batch_size=settings.embedding_batch_size,
             batch_wait_timeout_s=settings.embedding_batch_wait_s,
-        )(self._encode_batch)
+        )
+        self._encode_one = batching(self._encode_query_batch)
+        self._encode_document = batching(self._encode_document_batch)
 
     DEFAULT_OPTIONS = DEFAULT_OPTIONS
     options_for = staticmethod(options_for)
 
     def set_max_batch_size(self, size: int) -> None:
-        self._encode_one.set_max_batch_size(size)  # type: ignore[attr-defined]
+        for batched in (self._encode_one, self._encode_document):
+            batched.set_max_batch_size(size)  # type: ignore[attr-defined]
 
     def set_batch_wait_timeout_s(self, seconds: float) -> None:
-        self._encode_one.set_batch_wait_timeout_s(seconds)  # type: ignore[attr-defined]
+        for batched in (self._encode_one, self._encode_document):
+            batched.set_batch_wait_timeout_s(seconds)  # type: ignore[attr-defined]
 
-    async def _encode_batch(self, texts: list[str]) -> list[Vector]:
+    async def _encode_query_batch(self, texts: list[str]) -> list[Vector]:
+        async with self._turns.turn(urgent=True):
+            return await self._encode(texts)
+
+    async def _encode_document_batch(self, texts: list[str]) -> list[Vector]:
+        async with self._turns.turn(urgent=False):
+            return await self._encode(texts)
+
+    async def _encode(self, texts: list[str]) -> list[Vector]:
         arr = await asyncio.to_thread(self.embedder.encode, texts, len(texts))
         vectors: list[Vector] = arr.tolist()
         return vectors
@@ -98,7 +118,9 @@ class EmbedderDeployment:
         """Each text's windows with their vectors (what the memory index stores)."""
         checked = _texts(texts)
         chunks = await asyncio.to_thread(lambda: [self.embedder.chunk(t) for t in checked])
-        flat = iter(await asyncio.gather(*(self._encode_one(c) for cs in chunks for c in cs)))
+        flat = iter(
+            await asyncio.gather(*(self._encode_document(c) for cs in chunks for c in cs))
+        )
         return [[(c, next(flat)) for c in cs] for cs in chunks]
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
@@ -117,6 +139,42 @@ class EmbedderDeployment:
             "max_tokens": e.max_tokens,
             "device": e.device,
         }
+
+
+class EncodeTurns:
+    """One batch on the model at a time; among those waiting, urgent ones first, then in order
+    of arrival."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {True: deque(), False: deque()}
+
+    @asynccontextmanager
+    async def turn(self, *, urgent: bool) -> AsyncIterator[None]:
+        if self._busy:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting[urgent].append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._hand_over()  # the turn came as the caller left: pass it on
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        for urgent in (True, False):
+            queue = self._waiting[urgent]
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # still busy: the turn passes to the waiter
+                    return
+        self._busy = False
 
 
 def _limit_cpu_threads() -> None:

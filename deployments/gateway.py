@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacore.config import PlatformArgs, Settings
 from pacore.errors import PACoreError, PayloadTooLargeError, RateLimitError
+from pacore.logs import to_replica_log
 from pacore.metrics import RequestMetricsMiddleware, record_error
 from pacore.ratelimit import RateLimiter
 from pacore.services import Services
@@ -51,6 +52,7 @@ class GatewayDeployment:
     ) -> None:
         self.args = PlatformArgs.model_validate(args)
         self.settings: Settings = self.args.build_settings()
+        to_replica_log(self.settings.log_level)
         self.services = Services.for_settings(self.settings)
         self.router = router
         self.memory = memory

@@ -12,6 +12,7 @@ from typing import Any
 from pacore.config import Settings
 from pacore.db.stores.records import ConversationRecord
 from pacore.errors import ConflictError
+from pacore.logs import to_replica_log
 from pacore.memory.manager import (
     EmbedFn,
     MemoryContext,
@@ -96,6 +97,7 @@ class MemoryDeployment:
         if not isinstance(settings, Settings):
             settings = Settings(**(settings or {}))
         self.settings = settings
+        to_replica_log(settings.log_level)
         self._embedder = _text_embedder(embedder, settings)
         self._manager: MemoryManager | None = None
         self._db: Any = None

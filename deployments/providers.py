@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pacore.logs import to_replica_log
 from pacore.providers.base import ProviderConfig
 from pacore.providers.registry import ProviderCache
 from pacore.streaming import coalesce
@@ -37,6 +38,7 @@ class ProviderDeployment:
     }
 
     def __init__(self, kind: str, linger_s: float = 0.0) -> None:
+        to_replica_log()
         self.kind = kind
         self.linger_s = linger_s
         self._cache = ProviderCache()

@@ -15,6 +15,7 @@ from pacore.db.changes import ReadCache
 from pacore.db.stores.records import ProviderRecord, UserSettings
 from pacore.db.stores.usage import UsageEntry
 from pacore.errors import NotFoundError
+from pacore.logs import to_replica_log
 from pacore.orchestrator import ContextResult, Orchestrator, TurnEvent, TurnRequest
 from pacore.providers.base import Provider, ProviderConfig
 from pacore.routing import EXEMPLARS, QueryClassifier, QueryType, RoutingContext, Target
@@ -107,6 +108,7 @@ class RouterDeployment:
     ) -> None:
         self.args = PlatformArgs.model_validate(args)
         self.settings: Settings = self.args.build_settings()
+        to_replica_log(self.settings.log_level)
         self.services = Services.for_settings(self.settings)
         self._providers = providers
         self._hub = agent_hub

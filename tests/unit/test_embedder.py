@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from deployments.embedder import DEFAULT_OPTIONS, EmbedderDeployment, gpu_options, options_for
+from deployments.embedder import (
+    DEFAULT_OPTIONS,
+    EmbedderDeployment,
+    EncodeTurns,
+    gpu_options,
+    options_for,
+)
 from pacore.config import Settings
 from pacore.errors import BadRequestError, PACoreError
 from pacore.memory.embedder import Embedder, resolve_model_path
@@ -221,3 +227,43 @@ def test_cuda_device_embeds_like_cpu(embedder: Embedder) -> None:
     assert gpu.device == "cuda"
     texts = ["a sentence on the GPU", "another one"]
     np.testing.assert_allclose(gpu.encode(texts), embedder.encode(texts), atol=1e-3)
+
+
+async def test_waiting_queries_go_before_waiting_documents() -> None:
+    turns = EncodeTurns()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn(urgent=False):
+            order.append("running document")
+            await release.wait()
+
+    async def take(name: str, urgent: bool) -> None:
+        async with turns.turn(urgent=urgent):
+            order.append(name)
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(take("document 1", False)),
+               asyncio.create_task(take("document 2", False)),
+               asyncio.create_task(take("query", True))]
+    gone = asyncio.create_task(take("cancelled query", True))
+    await asyncio.sleep(0)
+    gone.cancel()  # a caller that leaves while waiting never takes a turn
+    release.set()
+    await asyncio.gather(holder, *waiting)
+    assert order == ["running document", "query", "document 1", "document 2"]
+    async with turns.turn(urgent=False):  # and the model is free again
+        pass
+
+
+async def test_documents_and_queries_embed_alike_through_their_queues(
+    embedder: Embedder, replica_context: None
+) -> None:
+    dep = EmbedderDeployment(Settings(), embedder=embedder)
+    text = "how do I sort a list in python"
+    [[(_, as_document)]], [as_query] = await asyncio.gather(
+        dep.embed_chunks([text]), dep.embed([text])
+    )
+    np.testing.assert_allclose(as_document, as_query, atol=1e-5)
