@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
+from pacore.errors import NotFoundError
 from pacore.memory.vector import IndexFilter, VectorHit, VectorIndex, VectorPoint
 from pacore.protocol import MemorySearchFilters, MemorySearchResult
 from pacore.types import Message, Usage
@@ -38,6 +39,7 @@ Vector = list[float]
 EmbedFn = Callable[[list[str]], Awaitable[list[list[Vector]]]]
 
 _INDEX_RETRIES = 5
+ANNOUNCED_GRACE_S = 1.0  # how long an unknown conversation id is looked for again
 _INDEX_BACKOFF_S = 0.5
 _INDEX_BACKOFF_MAX_S = 30.0
 _REINDEX_BATCH = 128
@@ -130,6 +132,9 @@ class MemoryManager:
         self._window_chars = int(
             window_chars if window_chars is not None else getattr(embed, "max_tokens", 0) or 0
         )
+        # Conversations whose first turn is being written, by the id the Router announced: a
+        # client may continue one before its first turn has landed.
+        self._starting: dict[str, asyncio.Event] = {}
         # Background indexing tasks, by conversation, so deletes and tag edits can wait for
         # the vectors they must change to exist first.
         self._pending: dict[asyncio.Task[None], str] = {}
@@ -165,6 +170,37 @@ class MemoryManager:
         recognised as the stored tail of the conversation and not stored twice. The provider is
         recorded on every message of the turn; model, tokens and latency on the answer.
         """
+        fresh_conversation = new or conversation_id is None
+        if fresh_conversation and conversation_id is not None:
+            starting = self._starting.setdefault(conversation_id, asyncio.Event())
+            try:
+                return await self._store_turn(
+                    user_id, conversation_id, messages, provider=provider, model=model,
+                    usage=usage, latency_ms=latency_ms, tags=tags, new=True,
+                    known_vector=known_vector,
+                )
+            finally:
+                starting.set()
+                self._starting.pop(conversation_id, None)
+        return await self._store_turn(
+            user_id, conversation_id, messages, provider=provider, model=model, usage=usage,
+            latency_ms=latency_ms, tags=tags, new=new, known_vector=known_vector,
+        )
+
+    async def _store_turn(
+        self,
+        user_id: str,
+        conversation_id: str | None,
+        messages: Sequence[Message],
+        *,
+        provider: str | None,
+        model: str | None,
+        usage: Usage | None,
+        latency_ms: float | None,
+        tags: Sequence[str] | None,
+        new: bool,
+        known_vector: tuple[str, Sequence[float]] | None,
+    ) -> tuple[str, list[str]]:
         from pacore.db.stores.records import NewMessage
 
         fresh_conversation = new or conversation_id is None
@@ -410,8 +446,25 @@ class MemoryManager:
         return await self._store.create(user_id, title=title, tags=tags)
 
     async def check_conversation(self, user_id: str, conversation_id: str) -> None:
-        """NotFoundError unless the conversation exists and is the user's."""
-        await self._store.get(user_id, conversation_id, with_messages=False)
+        """NotFoundError unless the conversation exists and is the user's.
+
+        A conversation's first turn is written after its answer, so a client that continues
+        at once can ask before it has landed: a first turn being written here is waited for,
+        and an id not found is looked for again for a moment (its turn may still be on its
+        way, or being written by another replica) before the answer is 404."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ANNOUNCED_GRACE_S
+        while True:
+            starting = self._starting.get(conversation_id)
+            if starting is not None:
+                await starting.wait()
+            try:
+                await self._store.get(user_id, conversation_id, with_messages=False)
+                return
+            except NotFoundError:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.025)
 
     async def list_conversations(
         self, user_id: str, limit: int = 20, cursor: str | None = None, tag: str | None = None

@@ -521,3 +521,27 @@ async def test_the_query_vector_is_reused_for_the_stored_question(
     [hit] = await manager.search(users.alice, question, limit=1)
     assert hit.content == question and hit.score > 0.99
     await manager.close()
+
+
+async def test_a_conversation_can_be_continued_before_its_first_turn_lands(
+    memory: MemoryManager, users: Users, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = memory._store  # slowed down below, to hold the first turn in flight
+    start = store.start
+
+    async def slow_start(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await start(*args, **kwargs)
+
+    monkeypatch.setattr(store, "start", slow_start)
+    announced = str(uuid.uuid4())
+    first = asyncio.create_task(memory.store_turn(
+        users.alice, announced, turn("first question", "first answer"), new=True
+    ))
+    await asyncio.sleep(0.01)
+    await memory.check_conversation(users.alice, announced)  # waits for the first turn
+    assert first.done()
+    with pytest.raises(NotFoundError):  # someone else's: never found, however long
+        await memory.check_conversation(users.bob, announced)
+    with pytest.raises(NotFoundError):
+        await memory.check_conversation(users.alice, str(uuid.uuid4()))
