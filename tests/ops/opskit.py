@@ -127,7 +127,9 @@ def ray_nodes(count: int, data_dir: Path) -> Iterator[list[int]]:
     (Serve's fast mode included); yields each node's metrics port. Stops only what it started."""
     import ray
 
-    env = {**fast_mode_env("127.0.0.1", data_dir), **production_env(), **TEST_ENV}
+    production = production_env()
+    production.pop("RAY_SERVE_HAPROXY_BINARY_PATH")  # the image's path; here this install's
+    env = {**fast_mode_env("127.0.0.1", data_dir), **production, **TEST_ENV}
     ports = [free_port() for _ in range(count)]
     system_config = {"metrics_report_interval_ms": 1000}
     with environment(env):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pacore.serving import fast_mode_env, is_loopback, rewrite_binds
+from pacore.serving import LOOPBACK_ENV, fast_mode_env, is_loopback, resendable, rewrite_binds
 
 CONFIG = """\
 frontend prometheus
@@ -33,11 +33,24 @@ def test_fast_mode_env(tmp_path: Path):
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("pacore-haproxy")
+    assert env[LOOPBACK_ENV] == "1"
+    assert "empty-response" in env["RAY_SERVE_HAPROXY_RETRY_ON"]
     # The admin socket path (plus Ray's 56-character node id) must fit HAProxy's 97 bytes.
     assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 57 <= 97
     assert len({env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]}) == 2
     public = fast_mode_env("0.0.0.0", tmp_path)
-    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in public  # listening publicly: HAProxy as is
+    # Listening publicly: HAProxy still through the wrapper (requests resendable), binds as is.
+    assert public["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("pacore-haproxy")
+    assert LOOPBACK_ENV not in public
+
+
+def test_requests_are_buffered_whole_so_that_they_can_be_resent():
+    config = "defaults\n    option abortonclose\n    option splice-request\n" \
+             "    option splice-response\n    retry-on conn-failure empty-response\n"
+    out = resendable(config)
+    assert "option http-buffer-request" in out and "splice-request" not in out
+    assert "option splice-response" in out  # answers may still be spliced
+    assert resendable(out) == out
 
 
 def test_is_loopback():
