@@ -149,7 +149,8 @@ class CompleteOptions(TypedDict, total=False):
     ``provider``/``model`` pin where the request goes (otherwise the router chooses);
     ``conversation_id`` continues a conversation; ``use_memory=False`` leaves remembered context
     out; ``data_residency`` is ``"any"``, ``"on_prem"`` or a list of regions; ``tags`` label the
-    conversation.
+    conversation; ``agent_tools`` names one of your on-prem agents whose declared tools the model
+    may call (the platform runs them through the agent and gives the model their results).
     """
 
     messages: Sequence[MessageParam]
@@ -161,6 +162,7 @@ class CompleteOptions(TypedDict, total=False):
     max_tokens: int
     data_residency: str | Sequence[str]
     tags: Sequence[str]
+    agent_tools: str
 
 
 @dataclass(frozen=True, slots=True)

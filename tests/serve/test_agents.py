@@ -365,6 +365,21 @@ def test_the_model_calls_the_agents_tool(agent: RunningAgent, upstream: OpenAISe
     ]
 
 
+def test_the_sdk_lends_the_model_an_agents_tools(
+    platform: LocalPlatform, agent: RunningAgent, upstream: OpenAIServer
+) -> None:
+    import sdk
+
+    upstream.script(Scripted(tool_calls=(
+        ScriptedToolCall("file_read", '{"path": "handbook.txt"}', id="call_read"),
+    )))
+    with sdk.Client(platform.url, agent.owner.token) as client:
+        answer = client.complete("when does the office open", model="openai/loopback-model",
+                                 agent_tools=agent.id, use_memory=False)
+    assert answer.content == "when does the office open when"
+    assert [m["role"] for m in upstream.chat_requests[-1].messages] == ["user", "assistant", "tool"]
+
+
 def test_only_the_last_round_streams(
     platform: LocalPlatform, agent: RunningAgent, upstream: OpenAIServer
 ) -> None:
