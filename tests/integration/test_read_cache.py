@@ -164,6 +164,17 @@ async def test_revocation_reaches_every_replica_at_once(replicas: tuple[Stores, 
     assert not await a.tokens.is_active("unknown-jti")
 
 
+async def test_unpairing_an_agent_revokes_its_token_on_every_replica(
+    replicas: tuple[Stores, Stores],
+) -> None:
+    a, b = replicas
+    user = await a.users.create(f"{uuid.uuid4().hex[:8]}@example.com", "a long password")
+    agent = await a.agents.create(user.id, "office box", "agent-jti")
+    assert await a.tokens.is_active("agent-jti")
+    await b.agents.revoke(user.id, agent.id)
+    assert not await a.tokens.is_active("agent-jti")
+
+
 async def test_a_cached_token_still_expires(replicas: tuple[Stores, Stores]) -> None:
     a, _ = replicas
     user = await a.users.create(f"{uuid.uuid4().hex[:8]}@example.com", "a long password")

@@ -94,6 +94,7 @@ class AgentStore(StoreBase):
             token = await session.get(ApiToken, row.jti, with_for_update=True)
             if token is not None and token.revoked_at is None:
                 token.revoked_at = now
+        await self.db.changed()  # replicas that remember the token as active learn it is not
         return AgentRecord.model_validate(row)
 
     async def update_seen(
