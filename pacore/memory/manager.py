@@ -39,9 +39,9 @@ Vector = list[float]
 EmbedFn = Callable[[list[str]], Awaitable[list[list[Vector]]]]
 
 _INDEX_RETRIES = 5
-ANNOUNCED_GRACE_S = 1.0  # how long an unknown conversation id is looked for again
 _INDEX_BACKOFF_S = 0.5
 _INDEX_BACKOFF_MAX_S = 30.0
+ANNOUNCED_GRACE_S = 1.0  # how long an unknown conversation id is looked for again
 _REINDEX_BATCH = 128
 _MIN_SNIPPET_TOKENS = 16
 _SEPARATOR = "\n\n"
@@ -170,8 +170,7 @@ class MemoryManager:
         recognised as the stored tail of the conversation and not stored twice. The provider is
         recorded on every message of the turn; model, tokens and latency on the answer.
         """
-        fresh_conversation = new or conversation_id is None
-        if fresh_conversation and conversation_id is not None:
+        if new and conversation_id is not None:  # the id the Router announced: a first turn
             starting = self._starting.setdefault(conversation_id, asyncio.Event())
             try:
                 return await self._store_turn(
@@ -208,8 +207,8 @@ class MemoryManager:
             fresh = list(messages)
         else:
             assert conversation_id is not None
-            conversation = await self._conversation_for(user_id, conversation_id, tags, new)
-            fresh = await self._unstored(user_id, conversation.id, messages, False)
+            conversation = await self._conversation_for(user_id, conversation_id, tags)
+            fresh = await self._unstored(user_id, conversation.id, messages)
             if not fresh:
                 return conversation.id, []
         usage = usage or Usage()
@@ -238,11 +237,10 @@ class MemoryManager:
         return conversation.id, [r.id for r in records]
 
     async def _conversation_for(
-        self, user_id: str, conversation_id: str | None, tags: Sequence[str] | None, new: bool
+        self, user_id: str, conversation_id: str, tags: Sequence[str] | None
     ) -> ConversationRecord:
-        if new and conversation_id is not None:
-            return await self._store.create(user_id, tags=tags, conversation_id=conversation_id)
-        if conversation_id is None or not tags:
+        """The user's existing conversation, with the turn's tags added to it."""
+        if not tags:
             return await self._store.ensure(user_id, conversation_id, tags)
         before = await self._store.get(user_id, conversation_id, with_messages=False)
         after = await self._store.ensure(user_id, conversation_id, tags)
@@ -252,10 +250,10 @@ class MemoryManager:
         return after
 
     async def _unstored(
-        self, user_id: str, conversation_id: str, messages: Sequence[Message], new: bool
+        self, user_id: str, conversation_id: str, messages: Sequence[Message]
     ) -> list[Message]:
         """``messages`` without the leading ones that repeat the conversation's stored tail."""
-        if new or len(messages) < 2:
+        if len(messages) < 2:
             return list(messages)
         stored = await self._store.recent_messages(user_id, conversation_id, len(messages) - 1)
         keys = [(m.role, m.content) for m in stored]
