@@ -163,8 +163,6 @@ def translate_transport_error(exc: BaseException, provider: str) -> PACoreError:
         return UpstreamUnavailableError(f"{provider}: cannot connect to upstream", provider=provider)
     if isinstance(exc, httpx.TimeoutException | httpx2.TimeoutException | asyncio.TimeoutError):
         return TimeoutError(f"{provider}: upstream timed out", provider=provider)
-    if isinstance(exc, httpx.ConnectError | httpx2.ConnectError):
-        return UpstreamUnavailableError(f"{provider}: cannot connect to upstream", provider=provider)
     if isinstance(exc, httpx.RemoteProtocolError | httpx2.RemoteProtocolError):
         return UpstreamError(f"{provider}: upstream closed the connection early", provider=provider)
     if isinstance(exc, httpx.HTTPError | httpx2.HTTPError):
@@ -177,11 +175,15 @@ def _could_not_connect(exc: BaseException) -> bool:
     transport reports that as a connect *timeout*; the cause says what happened)."""
     import aiohttp
 
+    unreachable = (
+        httpx.ConnectError, httpx2.ConnectError, ConnectionRefusedError,
+        aiohttp.ClientConnectorError,
+    )
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             return False
-        if isinstance(seen, ConnectionRefusedError | aiohttp.ClientConnectorError):
+        if isinstance(seen, unreachable):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
