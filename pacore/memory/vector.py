@@ -71,7 +71,9 @@ _KEYWORD_FIELDS = ("conversation_id", "message_id", "role", "provider", "tags")
 # only. A search whose filter leaves fewer vectors than the full-scan threshold (in KB: 50 MB
 # is ~33k 384-d vectors) scans them exactly through the payload index: measured at 100k points,
 # that is as fast as the graph for a 28k-point user (~5 ms) and exact, where the graph's
-# recall@10 on random vectors was 0.74 even at hnsw_ef=256. Users beyond it get the graph.
+# recall@10 was 0.74 even at hnsw_ef=256 (benchmarks/memory.py, whose index points are
+# Gaussian unit vectors spread evenly over the sphere, the hardest case for a graph). Users
+# beyond it get the graph.
 _HNSW_M = 16
 _HNSW_EF_CONSTRUCT = 100
 _HNSW_EF = 256

@@ -104,4 +104,3 @@ class TokenStore(StoreBase):
             await session.execute(
                 update(ApiToken).where(ApiToken.id == jti).values(last_used_at=utcnow())
             )
-
