@@ -118,21 +118,22 @@ class MemoryDeployment:
         from pacore.db.engine import Database
         from pacore.db.stores.conversations import ConversationStore
 
-        [probe] = await self._embedder.embed_queries(["dimension probe"])
-        index = await _open_index(self.settings, len(probe))
+        dimension, window = await self._embedder_shape()
+        index = await _open_index(self.settings, dimension)
         self._db = Database.from_settings(self.settings)
-        window = await self._embedder_window()
         return MemoryManager(
             ConversationStore(self._db), index, self._embedder, self.settings, window_chars=window
         )
 
-    async def _embedder_window(self) -> int | None:
-        """The model's window in tokens, from the Embedder deployment (None: ask the embedder
-        object itself)."""
-        if not isinstance(self._embedder, HandleEmbedder):
-            return None
-        info: dict[str, Any] = await self._embedder.info()
-        return int(info.get("max_tokens") or 0)
+    async def _embedder_shape(self) -> tuple[int, int | None]:
+        """The vectors' dimension and the model's window in tokens: the Embedder deployment
+        says both in one call; another embedder is probed for the dimension (window None: the
+        manager asks the embedder object itself)."""
+        if isinstance(self._embedder, HandleEmbedder):
+            info = await self._embedder.info()
+            return int(info["dimension"]), int(info.get("max_tokens") or 0)
+        [probe] = await self._embedder.embed_queries(["dimension probe"])
+        return len(probe), None
 
     # ------------------------------------------------------------------ turns and search
 
