@@ -22,10 +22,11 @@ import logging
 import mmap
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from pacore.lru import Lru
 
 __all__ = [
     "ChangeCounter",
@@ -127,18 +128,14 @@ def change_counter_for(redis_url: str | None, sqlite_file: Path | None) -> Chang
     return None
 
 
-_MISSING: Any = object()
-
-
 class ReadCache:
-    """Values read from the database, kept until the change counter moves (and at most
-    ``max_entries`` of them). Without a counter nothing is kept."""
+    """Values read from the database (never None), kept until the change counter moves (and at
+    most ``max_entries`` of them). Without a counter nothing is kept."""
 
     def __init__(self, changes: ChangeCounter | None, max_entries: int = 10_000) -> None:
         self._changes = changes
-        self._max = max_entries
         self._seen: int | None = None
-        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._entries: Lru[Hashable, Any] = Lru(max_entries)
 
     async def get(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
         if self._changes is None:
@@ -147,15 +144,12 @@ class ReadCache:
         if seen != self._seen:
             self._entries.clear()
             self._seen = seen
-        value = self._entries.get(key, _MISSING)
-        if value is not _MISSING:
-            self._entries.move_to_end(key)
-            return value
+        cached = self._entries.get(key)
+        if cached is not None:
+            return cached
         value = await load()
         # A change announced while loading may not be in what was loaded: keep it only if the
         # counter has not moved since (checked on the next request at the latest).
         if self._seen == seen:
-            self._entries[key] = value
-            if len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            self._entries.put(key, value)
         return value

@@ -11,7 +11,6 @@ the caller's to check, because it needs the database: pass the store's ``is_acti
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ import jwt
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from pacore.errors import AuthenticationError, PACoreError
+from pacore.lru import Lru
 
 __all__ = ["ALGORITHMS", "Audience", "Claims", "IssuedToken", "TokenService"]
 
@@ -62,7 +62,7 @@ class TokenService:
         self.algorithm = algorithm
         # Checking a signature is most of what authenticating a request costs; a token that
         # verified once verifies again until it expires (only the clock changes its answer).
-        self._verified: OrderedDict[tuple[str, tuple[str, ...]], Claims] = OrderedDict()
+        self._verified: Lru[tuple[str, tuple[str, ...]], Claims] = Lru(VERIFIED_CACHE_SIZE)
 
     def issue(
         self,
@@ -94,14 +94,11 @@ class TokenService:
         claims = self._verified.get(key)
         if claims is not None:
             if claims.exp is not None and claims.exp <= datetime.now(UTC):
-                del self._verified[key]
+                self._verified.pop(key)
                 raise AuthenticationError("token expired", code="token_expired")
-            self._verified.move_to_end(key)
             return claims
         claims = self._verify(token, aud)
-        self._verified[key] = claims
-        if len(self._verified) > VERIFIED_CACHE_SIZE:
-            self._verified.popitem(last=False)
+        self._verified.put(key, claims)
         return claims
 
     def _verify(self, token: str, aud: str | Collection[str]) -> Claims:

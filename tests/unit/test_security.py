@@ -248,3 +248,17 @@ def test_production_uses_given_secrets(tmp_path: Path) -> None:
         loaded.token_service().issue("u", "session", timedelta(minutes=1)).token, "session"
     ).sub == "u"
     assert os.listdir(tmp_path) == []
+
+
+def test_lru_forgets_the_least_recently_used() -> None:
+    from pacore.lru import Lru
+
+    lru: Lru[str, int] = Lru(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # a is now the most recent
+    lru.put("c", 3)
+    assert (lru.get("a"), lru.get("b"), lru.get("c"), len(lru)) == (1, None, 3, 2)
+    lru.pop("a")
+    lru.pop("missing")
+    assert lru.get("a") is None and len(lru) == 1
