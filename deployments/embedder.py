@@ -69,8 +69,7 @@ class EmbedderDeployment:
             settings = Settings(**(settings or {}))
         self.settings = settings
         to_replica_log(settings.log_level)
-        _limit_cpu_threads()
-        self.embedder = embedder or Embedder.from_settings(settings)
+        self.embedder = embedder or Embedder.from_settings(settings, threads=_reserved_cores())
         # Two queues, one model: queries (someone is waiting for the answer) and documents
         # (memory indexing, off every response path). Batches take turns on the model, and a
         # waiting query batch always goes before a waiting document batch.
@@ -138,6 +137,7 @@ class EmbedderDeployment:
             "dimension": e.dimension,
             "max_tokens": e.max_tokens,
             "device": e.device,
+            "backend": e.backend,
         }
 
 
@@ -177,18 +177,17 @@ class EncodeTurns:
         self._busy = False
 
 
-def _limit_cpu_threads() -> None:
-    """Encode with as many threads as the replica reserved cores (at least one). Torch would
-    start one per core of the machine, and its idle threads spin: on a small machine they burn
-    the cores the rest of the graph serves requests with (twice the CPU per encode on 2 cores
-    for a fraction of the speed-up)."""
+def _reserved_cores() -> int | None:
+    """Encode with as many threads as the replica reserved cores (at least one). Torch and ONNX
+    Runtime would start one per core of the machine, and idle threads spin: on a small machine
+    they burn the cores the rest of the graph serves requests with (twice the CPU per encode on
+    2 cores for a fraction of the speed-up). None outside Ray: the runtime's own default."""
     import ray
-    import torch
 
     if not ray.is_initialized():
-        return
+        return None
     reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
-    torch.set_num_threads(max(1, int(reserved)))
+    return max(1, int(reserved))
 
 
 def _texts(texts: Sequence[str]) -> list[str]:

@@ -1,9 +1,10 @@
-"""The sentence-transformers embedder: offline model loading, token-window chunking, normalised vectors."""
+"""The embedder: offline model loading, token-window chunking, normalised vectors."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import os
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pacore.errors import BadRequestError, PACoreError
+from pacore.memory.encoders import Backend, load_encoder, private_dir
 
 if TYPE_CHECKING:
     from pacore.config import Settings
@@ -46,7 +48,10 @@ def resolve_model_path(model: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` is CUDA when torch sees a GPU, else CPU; asking for CUDA without one is an error."""
+    """``auto`` is CUDA when torch sees a GPU, else CPU; asking for CUDA without one is an error.
+    A machine without NVIDIA's device files is a CPU machine without importing torch."""
+    if device == "cpu" or (device == "auto" and not Path("/dev/nvidiactl").exists()):
+        return "cpu"
     import torch
 
     if device == "auto":
@@ -63,6 +68,8 @@ class Embedder:
     longer than the model's window are cut into overlapping windows measured in the model's own
     tokens (each window gets a vector); queries are embedded whole (the model truncates them).
     Encoding runs in a worker thread so that an event loop calling the async methods never blocks.
+    On the CPU the model runs in ONNX Runtime (exported once into ``cache_dir``), elsewhere in
+    torch; ``backend`` chooses (see :func:`pacore.memory.encoders.load_encoder`).
     """
 
     def __init__(
@@ -70,48 +77,48 @@ class Embedder:
         model: str = DEFAULT_MODEL,
         device: str = "auto",
         *,
+        backend: Backend = "auto",
+        cache_dir: Path | None = None,
+        threads: int | None = None,
         batch_size: int = 64,
         overlap_tokens: int = 32,
         max_chunks: int = 128,
     ) -> None:
-        from sentence_transformers import SentenceTransformer
-
         self.model_name = model
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.max_chunks = max_chunks
+        cache = Path(cache_dir or Path(tempfile.gettempdir()) / f"pacore-models-{os.getuid()}")
         try:
-            self._model = SentenceTransformer(
-                resolve_model_path(model), device=self.device, local_files_only=True
+            self._encoder = load_encoder(
+                resolve_model_path(model), self.device, backend, private_dir(cache), threads
             )
         except OSError as exc:
             raise PACoreError(
                 f"embedding model '{model}' is not available locally",
                 code="embedding_model_unavailable",
             ) from exc
+        self.backend = self._encoder.backend
         # Counting and chunking get a tokenizer of their own, so that they never wait for an
-        # encode in progress (which holds the model's).
-        self._tokenizer: Any = copy.deepcopy(self._model.tokenizer)
-        # Chunking tokenizes whole documents on purpose; the "longer than the maximum" warning
-        # transformers would print for them is about feeding the model, which we never do.
-        warned = getattr(self._tokenizer, "deprecation_warnings", None)
-        if isinstance(warned, dict):
-            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
-        special = len(self._tokenizer("", add_special_tokens=True)["input_ids"])
+        # encode in progress.
+        self._tokenizer: Any = self._encoder.new_tokenizer()
+        special = len(self._tokenizer.encode("", add_special_tokens=True).ids)
         # The window is what the model reads, less the special tokens it adds around every input.
-        window = self._model.max_seq_length or self._tokenizer.model_max_length
-        self.max_tokens = int(window) - special
+        self.max_tokens = self._encoder.max_seq_length - special
         self.overlap_tokens = min(overlap_tokens, self.max_tokens // 2)
-        self.dimension = int(self._model.get_embedding_dimension() or 0)
+        self.dimension = self._encoder.dimension
         # Fast tokenizers refuse concurrent use from several threads ("Already borrowed").
         self._model_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
+    def from_settings(cls, settings: Settings, *, threads: int | None = None) -> Embedder:
         return cls(
             settings.embedding_model,
             settings.embedding_device,
+            backend=settings.embedding_backend,
+            cache_dir=settings.data_dir / "models",
+            threads=threads,
             batch_size=settings.embedding_batch_size,
         )
 
@@ -122,28 +129,21 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._model_lock:
-            out = self._model.encode(
-                list(texts),
-                batch_size=batch_size or self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(out, dtype=np.float32)
+            return self._encoder.encode(list(texts), batch_size or self.batch_size)
 
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
-            return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+            return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def chunk(self, text: str) -> list[str]:
         """``text`` cut into windows of at most ``max_tokens`` tokens overlapping by
         ``overlap_tokens``; each window is a slice of the original text, cut between words."""
         with self._tokenizer_lock:
-            enc = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+            enc = self._tokenizer.encode(text, add_special_tokens=False)
+        offsets: list[tuple[int, int]] = enc.offsets
         if len(offsets) <= self.max_tokens:
             return [text]
-        return [text[offsets[s][0] : offsets[e - 1][1]] for s, e in self._windows(enc.word_ids())]
+        return [text[offsets[s][0] : offsets[e - 1][1]] for s, e in self._windows(enc.word_ids)]
 
     def _windows(self, word_ids: list[int | None]) -> list[tuple[int, int]]:
         n, size, step = len(word_ids), self.max_tokens, self.max_tokens - self.overlap_tokens

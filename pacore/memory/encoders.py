@@ -1,0 +1,287 @@
+"""The runtimes that turn texts into sentence vectors: ONNX Runtime on CPUs, torch elsewhere.
+
+Both read the same sentence-transformers model directory and give the same vectors (the ONNX
+export is checked against torch when it is made). On CPUs ONNX Runtime encodes a short query in
+about a third of torch's time and keeps torch out of the serving process; torch serves CUDA and
+models whose modules the ONNX path does not reproduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from pacore.errors import PACoreError
+
+__all__ = [
+    "Backend",
+    "OnnxEncoder",
+    "SentenceEncoder",
+    "TorchEncoder",
+    "load_encoder",
+    "onnx_layout",
+    "private_dir",
+]
+
+logger = logging.getLogger("pacore.memory")
+
+Backend = Literal["auto", "onnx", "torch"]
+
+_TRANSFORMER, _POOLING, _NORMALIZE = "Transformer", "Pooling", "Normalize"
+# sentence-transformers' pooling flags that the ONNX path implements, and what it calls them.
+_POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+}
+_EXPORT_TIMEOUT_S = 600.0
+
+
+class SentenceEncoder(Protocol):
+    """A loaded model: normalised float32 vectors for texts, and its tokenizer for counting."""
+
+    backend: str
+    device: str
+    dimension: int
+    max_seq_length: int  # tokens the model reads, its special tokens included
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
+
+    def new_tokenizer(self) -> Any:
+        """A ``tokenizers.Tokenizer`` of the model's, without truncation or padding."""
+        ...
+
+
+class TorchEncoder:
+    """sentence-transformers on torch (any model it loads, on any device)."""
+
+    backend = "torch"
+
+    def __init__(self, path: str, device: str, threads: int | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.device = device
+        self._model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.dimension = int(self._model.get_embedding_dimension() or 0)
+        self.max_seq_length = int(
+            self._model.max_seq_length or self._model.tokenizer.model_max_length
+        )
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = self._model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32)
+
+    def new_tokenizer(self) -> Any:
+        return _bare_copy(self._model.tokenizer.backend_tokenizer)
+
+
+class OnnxEncoder:
+    """The model's transformer in ONNX Runtime, with sentence-transformers' pooling and
+    normalisation done in numpy, and its tokenizer from ``tokenizer.json``."""
+
+    backend = "onnx"
+    device = "cpu"
+
+    def __init__(self, model_dir: str, onnx_file: str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        layout = onnx_layout(model_dir)
+        if layout is None:
+            raise PACoreError(
+                f"the embedding model in {model_dir} has modules the ONNX runtime does not run",
+                code="embedding_backend_unavailable",
+            )
+        self._dir = Path(model_dir)
+        self._pooling: str = layout["pooling"]
+        self._lower: bool = layout["lower_case"]
+        self.max_seq_length = int(layout["max_seq_length"])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle pool threads would spin on cores the rest of the graph serves requests with.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            onnx_file, options, providers=["CPUExecutionProvider"]
+        )
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._tokenizer = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length=self.max_seq_length)
+        pad_token = _pad_token(self._dir)
+        pad_id = self._tokenizer.token_to_id(pad_token)
+        self._tokenizer.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
+        self.dimension = int(self.encode(["dimension"], 1).shape[1])
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        if self._lower:
+            texts = [t.lower() for t in texts]
+        # Like sentence-transformers: longest first, so that a batch pads to similar lengths.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        parts = [
+            self._encode_batch([texts[i] for i in order[start : start + batch_size]])
+            for start in range(0, len(order), batch_size)
+        ]
+        result = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        result[order] = np.concatenate(parts)
+        return result
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(texts)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        feed = {name: np.asarray(columns[name], dtype=np.int64) for name in self._inputs}
+        hidden = self._session.run(None, feed)[0]
+        mask = np.asarray(columns["attention_mask"], dtype=np.float32)[:, :, None]
+        if self._pooling == "mean":
+            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        elif self._pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = np.where(mask > 0, hidden, -1e9).max(axis=1)
+        norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+        return np.asarray(pooled / norms, dtype=np.float32)
+
+    def new_tokenizer(self) -> Any:
+        return _bare_copy(self._tokenizer)
+
+
+def onnx_layout(model_dir: str) -> dict[str, Any] | None:
+    """What the ONNX path needs to know of a sentence-transformers directory (pooling, window,
+    casing), or None when its modules are not exactly transformer → pooling (→ normalise) with
+    a pooling mode it implements, or it has no ``tokenizer.json``."""
+    root = Path(model_dir)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        config = json.loads((root / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in ([_TRANSFORMER, _POOLING], [_TRANSFORMER, _POOLING, _NORMALIZE]):
+        return None
+    if modules[0].get("path") or not (root / "tokenizer.json").is_file():
+        return None
+    try:
+        pooling = json.loads((root / modules[1]["path"] / "config.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    chosen = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+    if len(chosen) != 1 or chosen[0] not in _POOLING_MODES:
+        return None
+    return {
+        "pooling": _POOLING_MODES[chosen[0]],
+        "max_seq_length": int(config.get("max_seq_length") or 512),
+        "lower_case": bool(config.get("do_lower_case")),
+    }
+
+
+def load_encoder(
+    path: str, device: str, backend: Backend, cache_dir: Path, threads: int | None = None
+) -> SentenceEncoder:
+    """The encoder for ``path`` on ``device``. ``auto`` is ONNX Runtime on the CPU when the
+    model's modules allow it (exported once into ``cache_dir``), torch otherwise or when the
+    export fails; ``onnx`` fails rather than fall back."""
+    if backend == "torch" or (backend == "auto" and device != "cpu"):
+        return TorchEncoder(path, device, threads)
+    if device != "cpu":
+        raise PACoreError("the onnx embedding backend runs on the CPU only",
+                          code="embedding_backend_unavailable")
+    try:
+        return _onnx_encoder(path, cache_dir, threads)
+    except PACoreError as exc:
+        if backend == "onnx":
+            raise
+        logger.warning("embedding on torch: %s", exc.message)
+        return TorchEncoder(path, device, threads)
+
+
+def _onnx_encoder(path: str, cache_dir: Path, threads: int | None) -> OnnxEncoder:
+    if not Path(path).is_dir() or onnx_layout(path) is None:
+        raise PACoreError(f"the ONNX runtime cannot run the embedding model at {path}",
+                          code="embedding_backend_unavailable")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise PACoreError("the onnx embedding backend needs onnxruntime",
+                          code="embedding_backend_unavailable") from exc
+    target = cache_dir / f"{Path(path).name}-{_digest(path)}.onnx"
+    if not target.is_file():
+        _export(path, target)
+    return OnnxEncoder(path, str(target), threads)
+
+
+def _export(path: str, target: Path) -> None:
+    logger.info("exporting the embedding model to ONNX (once): %s", target)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pacore.memory.onnx_export", path, str(target)],
+            capture_output=True, text=True, timeout=_EXPORT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PACoreError(f"exporting the embedding model to ONNX failed: {exc}",
+                          code="embedding_backend_unavailable") from exc
+    if done.returncode != 0 or not target.is_file():
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PACoreError(f"exporting the embedding model to ONNX failed: {reason}",
+                          code="embedding_backend_unavailable")
+
+
+def _digest(path: str) -> str:
+    """Identifies the exported file: the model's configuration, tokenizer and weights, and the
+    export's own version."""
+    from pacore.memory.onnx_export import EXPORT_VERSION
+
+    h = hashlib.sha256(f"export-v{EXPORT_VERSION}".encode())
+    root = Path(path)
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "pytorch_model.bin"):
+        file = root / name
+        if file.is_file():
+            h.update(name.encode())
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _pad_token(root: Path) -> str:
+    try:
+        token = json.loads((root / "tokenizer_config.json").read_text()).get("pad_token")
+    except (OSError, ValueError):
+        token = None
+    if isinstance(token, dict):
+        token = token.get("content")
+    return str(token or "[PAD]")
+
+
+def _bare_copy(tokenizer: Any) -> Any:
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def private_dir(path: Path) -> Path:
+    """``path``, created readable by its owner only if it does not exist yet."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
