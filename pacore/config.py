@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path("~/.pacore"), description="embedded database, vectors and generated secrets"
     )
+    cache_dir: Path = Field(
+        default=Path("~/.cache/pacore"),
+        description="files derived from installed packages that can be rebuilt at any time "
+        "(the embedding model's ONNX export); shared by every data_dir of the user",
+    )
 
     # Storage
     database_url: str | None = Field(
@@ -72,7 +77,7 @@ class Settings(BaseSettings):
     embedding_backend: Literal["auto", "onnx", "torch"] = Field(
         default="auto",
         description="auto: ONNX Runtime on the CPU (the model is exported once into "
-        "data_dir/models and checked against torch; about 3x faster for short texts), torch on "
+        "cache_dir/models and checked against torch; about 3x faster for short texts), torch on "
         "CUDA or for models the ONNX path cannot run; onnx: never fall back; torch: always torch",
     )
     embedding_batch_size: int = Field(default=64, ge=1)
@@ -136,7 +141,7 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "cache_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()

@@ -117,7 +117,7 @@ class Embedder:
             settings.embedding_model,
             settings.embedding_device,
             backend=settings.embedding_backend,
-            cache_dir=settings.data_dir / "models",
+            cache_dir=settings.cache_dir / "models",
             threads=threads,
             batch_size=settings.embedding_batch_size,
         )
