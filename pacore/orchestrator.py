@@ -262,12 +262,18 @@ class Orchestrator:
             return None, empty
         needs_vector = turn.use_memory or self._needs_classification(turn)
         query = _query_text(turn.messages)
+        # The conversation's check runs while the query is embedded, not after it.
         check = (
-            memory.check_conversation(user_id, turn.conversation_id)
+            asyncio.ensure_future(memory.check_conversation(user_id, turn.conversation_id))
             if turn.conversation_id is not None
             else None
         )
-        vector = await memory.embed_query(query) if needs_vector and query else None
+        try:
+            vector = await memory.embed_query(query) if needs_vector and query else None
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
         if check is not None:
             await check
         if not turn.use_memory or vector is None:

@@ -146,6 +146,49 @@ async def test_existing_conversation_is_continued():
     assert memory.stored[0][3]["new"] is False
 
 
+class SlowMemory(Memory):
+    """Records when the conversation check and the query's embedding start and end."""
+
+    def __init__(self, embed_error: Exception | None = None) -> None:
+        super().__init__()
+        self.log: list[str] = []
+        self.embed_error = embed_error
+        self.check_cancelled = False
+
+    async def embed_query(self, text: str) -> list[float]:
+        self.log.append("embed start")
+        await asyncio.sleep(0.02)
+        if self.embed_error is not None:
+            raise self.embed_error
+        self.log.append("embed end")
+        return [1.0, 0.0, 0.0]
+
+    async def check_conversation(self, user_id: str, conversation_id: str) -> None:
+        self.log.append("check start")
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.check_cancelled = True
+            raise
+        self.log.append("check end")
+
+
+async def test_conversation_check_runs_while_the_query_is_embedded():
+    memory = SlowMemory()
+    await run(orchestrator(Providers({"a": chunks("ok")}), memory=memory),
+              turn(conversation_id="c-existing"))
+    assert memory.log.index("check start") < memory.log.index("embed end")
+
+
+async def test_a_failed_embedding_cancels_the_conversation_check():
+    memory = SlowMemory(embed_error=UpstreamError("embedder down"))
+    with pytest.raises(UpstreamError):
+        await run(orchestrator(Providers({"a": chunks("ok")}), memory=memory),
+                  turn(conversation_id="c-existing"))
+    await asyncio.sleep(0)
+    assert memory.check_cancelled and "check end" not in memory.log
+
+
 async def test_fallback_before_first_token():
     providers = Providers({"a": UpstreamError("down"), "b": chunks("from b")})
     usage = Usage_()
