@@ -121,7 +121,35 @@ def bench_embedder(quick: bool) -> dict[str, Any]:
         "deployment_per_s": served,
         "ratio": served / same,
         "ratio_vs_whole": served / whole,
+        "backend": embedder.backend,
+        "runtimes": bench_runtimes(texts, batch) if embedder.device == "cpu" else [],
     }
+
+
+def bench_runtimes(texts: list[str], batch: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """The embedder's two CPU runtimes on the same model and texts, one thread each (what a
+    replica reserving a core gets): one short query at a time (what a request waits for), and
+    full batches (what indexing and a loaded server get)."""
+    from pacore.memory.embedder import Embedder
+
+    runtimes = {b: Embedder(device="cpu", backend=b, threads=1) for b in ("onnx", "torch")}
+    query = "When does the release train leave?"
+    single: dict[str, list[float]] = {b: [] for b in runtimes}
+    batched: dict[str, list[float]] = {b: [] for b in runtimes}
+    for _ in range(rounds):  # interleaved, so that drift hits both
+        for name, e in runtimes.items():
+            e.encode([query])
+            samples = []
+            for _ in range(50):
+                t = time.perf_counter()
+                e.encode([query])
+                samples.append(time.perf_counter() - t)
+            single[name].append(float(np.median(samples)) * 1000)
+            t = time.perf_counter()
+            e.encode(texts[: batch * 2], batch_size=batch)
+            batched[name].append(batch * 2 / (time.perf_counter() - t))
+    return [{"backend": b, "query_p50_ms": min(single[b]), "batch_per_s": max(batched[b])}
+            for b in runtimes]
 
 
 # ---------------------------------------------------------------------------- index data
@@ -344,10 +372,16 @@ def _print(embed: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     e = embed
     print(
-        f"| {e['texts']} | {e['batch_size']} | {e['device']} | {e['raw_whole_per_s']:.0f} "
-        f"| {e['raw_per_s']:.0f} | {e['deployment_per_s']:.0f} | {e['ratio']:.2f}x "
-        f"| {e['ratio_vs_whole']:.2f}x |"
+        f"| {e['texts']} | {e['batch_size']} | {e['device']} ({e['backend']}) "
+        f"| {e['raw_whole_per_s']:.0f} | {e['raw_per_s']:.0f} | {e['deployment_per_s']:.0f} "
+        f"| {e['ratio']:.2f}x | {e['ratio_vs_whole']:.2f}x |"
     )
+    if e["runtimes"]:
+        print("\n## Embedder runtimes on the CPU (one thread each)\n")
+        print("| runtime | one short query, p50 (ms) | batches of 64 (texts/s) |")
+        print("|---|---:|---:|")
+        for r in e["runtimes"]:
+            print(f"| {r['backend']} | {r['query_p50_ms']:.2f} | {r['batch_per_s']:.0f} |")
     print("\n## Vector index: filtered top-10 (384-d random unit vectors)\n")
     print(
         "| points | filter | index | build/load (s) | p50 (ms) | p99 (ms) | vs numpy p50 | recall@10 |"

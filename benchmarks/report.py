@@ -146,6 +146,16 @@ def memory_goals(memory: dict[str, Any] | None) -> list[Goal]:
         out.append(Goal("embedder deployment vs raw encode (same batches), throughput",
                         ratio(embed["deployment_per_s"], embed["raw_per_s"]), None, False, "x",
                         f"{embed['deployment_per_s']:.0f} vs {embed['raw_per_s']:.0f} texts/s"))
+    runtimes = {r["backend"]: r for r in embed.get("runtimes") or []}
+    if {"onnx", "torch"} <= runtimes.keys():
+        onnx, torch = runtimes["onnx"], runtimes["torch"]
+        out.append(Goal("embedder one short query, ONNX Runtime vs torch (CPU, one thread), p50",
+                        ratio(onnx["query_p50_ms"], torch["query_p50_ms"]), None, True, "x",
+                        f"{onnx['query_p50_ms']:.2f} vs {torch['query_p50_ms']:.2f} ms"))
+        out.append(Goal("embedder batches of 64, ONNX Runtime vs torch (CPU, one thread), "
+                        "throughput", ratio(onnx["batch_per_s"], torch["batch_per_s"]), None,
+                        False, "x",
+                        f"{onnx['batch_per_s']:.0f} vs {torch['batch_per_s']:.0f} texts/s"))
     rows = memory.get("index") or []
     exact = {(r.get("points"), r.get("filter")): r.get("p50_ms") for r in rows
              if r.get("index") == "numpy exact"}

@@ -161,7 +161,11 @@ def _results(with_litellm: bool = True) -> dict[str, Any]:
                for name in table}
     if not with_litellm:
         systems[report.LITELLM].update(status="skipped", reason="could not install litellm")
-    memory = {"embedder": {"deployment_per_s": 450.0, "raw_per_s": 500.0},
+    memory = {"embedder": {"deployment_per_s": 450.0, "raw_per_s": 500.0,
+                           "runtimes": [{"backend": "onnx", "query_p50_ms": 5.0,
+                                         "batch_per_s": 300.0},
+                                        {"backend": "torch", "query_p50_ms": 15.0,
+                                         "batch_per_s": 200.0}]},
               "index": [{"points": 10000, "filter": "user", "index": "numpy exact",
                          "p50_ms": 2.0, "recall@10": 1.0},
                         {"points": 10000, "filter": "user", "index": "qdrant-edge (HNSW)",
@@ -192,6 +196,8 @@ def test_goals_compute_the_ratios_the_issue_names() -> None:
     assert _goal(items, "`pacore up` ready time, warm install, whole").value == 13.0
     assert _goal(items, "whole graph RSS").status == "PASS"
     assert _goal(items, "embedder deployment").value == pytest.approx(0.9)
+    assert _goal(items, "embedder one short query, ONNX").value == pytest.approx(1 / 3)
+    assert _goal(items, "embedder batches of 64, ONNX").value == pytest.approx(1.5)
     assert _goal(items, "memory search p50, qdrant-edge (HNSW)").value == pytest.approx(0.5)
 
 
