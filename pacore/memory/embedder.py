@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pacore.errors import BadRequestError, PACoreError
-from pacore.memory.encoders import Backend, load_encoder, private_dir
+from pacore.memory.encoders import Backend, load_encoder
 
 if TYPE_CHECKING:
     from pacore.config import Settings
@@ -89,9 +89,10 @@ class Embedder:
         self.batch_size = batch_size
         self.max_chunks = max_chunks
         cache = Path(cache_dir or Path(tempfile.gettempdir()) / f"pacore-models-{os.getuid()}")
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # readable by its owner only
         try:
             self._encoder = load_encoder(
-                resolve_model_path(model), self.device, backend, private_dir(cache), threads
+                resolve_model_path(model), self.device, backend, cache, threads
             )
         except OSError as exc:
             raise PACoreError(
@@ -107,8 +108,10 @@ class Embedder:
         self.max_tokens = self._encoder.max_seq_length - special
         self.overlap_tokens = min(overlap_tokens, self.max_tokens // 2)
         self.dimension = self._encoder.dimension
-        # Fast tokenizers refuse concurrent use from several threads ("Already borrowed").
+        # One encode at a time: torch's encode reconfigures its shared tokenizer on every call,
+        # and measured on two cores, overlapping ONNX encodes made queries slower, not faster.
         self._model_lock = threading.Lock()
+        # Fast tokenizers refuse concurrent use from several threads ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
 
     @classmethod

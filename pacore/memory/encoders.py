@@ -27,7 +27,6 @@ __all__ = [
     "TorchEncoder",
     "load_encoder",
     "onnx_layout",
-    "private_dir",
 ]
 
 logger = logging.getLogger("pacore.memory")
@@ -96,17 +95,12 @@ class OnnxEncoder:
     backend = "onnx"
     device = "cpu"
 
-    def __init__(self, model_dir: str, onnx_file: str, threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: str, onnx_file: str, layout: dict[str, Any], threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        layout = onnx_layout(model_dir)
-        if layout is None:
-            raise PACoreError(
-                f"the embedding model in {model_dir} has modules the ONNX runtime does not run",
-                code="embedding_backend_unavailable",
-            )
-        self._dir = Path(model_dir)
         self._pooling: str = layout["pooling"]
         self._lower: bool = layout["lower_case"]
         self.max_seq_length = int(layout["max_seq_length"])
@@ -121,9 +115,10 @@ class OnnxEncoder:
             onnx_file, options, providers=["CPUExecutionProvider"]
         )
         self._inputs = [i.name for i in self._session.get_inputs()]
-        self._tokenizer = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
+        root = Path(model_dir)
+        self._tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
-        pad_token = _pad_token(self._dir)
+        pad_token = _pad_token(root)
         pad_id = self._tokenizer.token_to_id(pad_token)
         self._tokenizer.enable_padding(pad_id=pad_id or 0, pad_token=pad_token)
         self.dimension = int(self.encode(["dimension"], 1).shape[1])
@@ -214,7 +209,8 @@ def load_encoder(
 
 
 def _onnx_encoder(path: str, cache_dir: Path, threads: int | None) -> OnnxEncoder:
-    if not Path(path).is_dir() or onnx_layout(path) is None:
+    layout = onnx_layout(path) if Path(path).is_dir() else None
+    if layout is None:
         raise PACoreError(f"the ONNX runtime cannot run the embedding model at {path}",
                           code="embedding_backend_unavailable")
     try:
@@ -225,7 +221,7 @@ def _onnx_encoder(path: str, cache_dir: Path, threads: int | None) -> OnnxEncode
     target = cache_dir / f"{Path(path).name}-{_digest(path)}.onnx"
     if not target.is_file():
         _export(path, target)
-    return OnnxEncoder(path, str(target), threads)
+    return OnnxEncoder(path, str(target), layout, threads)
 
 
 def _export(path: str, target: Path) -> None:
@@ -278,10 +274,3 @@ def _bare_copy(tokenizer: Any) -> Any:
     copy.no_truncation()
     copy.no_padding()
     return copy
-
-
-def private_dir(path: Path) -> Path:
-    """``path``, created readable by its owner only if it does not exist yet."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
