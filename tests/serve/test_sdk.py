@@ -166,6 +166,11 @@ def test_complete_and_conversations(client: sdk.Client) -> None:
     assert again.conversation_id == first.conversation_id
     others = [client.complete(f"topic {i}", use_memory=False).conversation_id for i in range(2)]
 
+    # Turns are stored after their answers went out (off the response path).
+    deadline = time.monotonic() + 60
+    while len(client.conversations.list(limit=3).data) < 3:
+        assert time.monotonic() < deadline, "the last turns' conversations were never stored"
+        time.sleep(0.2)
     page = client.conversations.list(limit=1)
     assert len(page.data) == 1 and page.next_cursor
     every = [c.id for c in client.conversations.iter(page_size=1)]
@@ -346,6 +351,12 @@ async def test_async_client_covers_every_call(
         final = await (await c.stream("last words", use_memory=False)).final()
         assert final.content.startswith("last words")
 
+        # A turn is stored after its answer went out (off the response path): wait for the
+        # last one's conversation as for the streamed turn below.
+        deadline = time.monotonic() + 60
+        while len((await c.conversations.list(limit=2)).data) < 2:
+            assert time.monotonic() < deadline, "the last turn's conversation was never stored"
+            await asyncio.sleep(0.2)
         page = await c.conversations.list(limit=1)
         assert len(page.data) == 1 and page.next_cursor
         ids = [s.id async for s in c.conversations.iter(page_size=1)]
