@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     memory_top_k: int = Field(default=5, ge=0, le=50, description="context messages injected")
     memory_token_budget: int = Field(default=1000, ge=0, description="tokens of injected context")
     memory_min_score: float = Field(default=0.3, ge=-1, le=1)
+    memory_index_wait_s: float = Field(
+        default=0.05, ge=0, le=5,
+        description="how long a stored turn waits for others before they are embedded and "
+        "indexed together (one embedder call and one index write for all of them); at 0 every "
+        "turn is indexed on its own at once",
+    )
 
     # Security
     secret_key: SecretStr | None = Field(

@@ -41,15 +41,19 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     """An async engine for ``url``.
 
     SQLite gets WAL (readers never wait for the writer), enforced foreign keys (cascades) and a
-    busy timeout (writers queue instead of failing); its directory is created. PostgreSQL gets
-    a pool of ``pool_size`` connections, checked before use so a restarted server is survived.
+    busy timeout (writers queue instead of failing); its directory is created, and a file keeps
+    ``pool_size`` connections open (each is a thread of aiosqlite's, and a new one repeats the
+    pragmas, so the pool's default of 5 kept opening and closing them under load). PostgreSQL gets a
+    pool of ``pool_size`` connections, checked before use so a restarted server is survived.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
+        pool: dict[str, Any] = {}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, echo=echo)
+            pool = {"pool_size": pool_size, "max_overflow": pool_size}
+        engine = create_async_engine(url, echo=echo, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(

@@ -2,7 +2,8 @@
 
 A turn is written to SQL on the caller's path; embedding and indexing it happens in a background
 task, retried with backoff, so a slow or failing embedder never holds a response back (and a
-lost vector is restored by :meth:`MemoryManager.reindex`). Searches go to the vector index and
+lost vector is restored by :meth:`MemoryManager.reindex`). Turns stored within
+``memory_index_wait_s`` of each other are embedded and indexed together. Searches go to the vector index and
 are then hydrated from SQL, so a deleted message or another user's message can never surface.
 """
 
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from pacore.errors import NotFoundError
+from pacore.memory.coalesce import Coalescer
 from pacore.memory.vector import IndexFilter, VectorHit, VectorIndex, VectorPoint
 from pacore.protocol import MemorySearchFilters, MemorySearchResult
 from pacore.types import Message, Usage
@@ -138,6 +140,15 @@ class MemoryManager:
         # Background indexing tasks, by conversation, so deletes and tag edits can wait for
         # the vectors they must change to exist first.
         self._pending: dict[asyncio.Task[None], str] = {}
+        # Turns stored close together are embedded in one call and written in one upsert.
+        self._window: Coalescer[tuple[list[MessageRecord], dict[str, Vector]]] | None = (
+            Coalescer(
+                self._index_together, wait_s=settings.memory_index_wait_s,
+                max_weight=settings.embedding_batch_size,
+            )
+            if settings.memory_index_wait_s > 0
+            else None
+        )
 
     @property
     def index(self) -> VectorIndex:
@@ -279,7 +290,11 @@ class MemoryManager:
         delay = _INDEX_BACKOFF_S
         for attempt in range(1, _INDEX_RETRIES + 1):
             try:
-                await self._index_records(records, known)
+                # A retry goes alone: a batch that failed is not tried again as a whole.
+                if attempt == 1 and self._window is not None:
+                    await self._window.submit((records, known), weight=len(records))
+                else:
+                    await self._index_records(records, known)
                 return
             except asyncio.CancelledError:
                 raise
@@ -295,6 +310,13 @@ class MemoryManager:
                 logger.warning("indexing failed (attempt %d), retrying in %.1fs", attempt, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _INDEX_BACKOFF_MAX_S)
+
+    async def _index_together(
+        self, turns: list[tuple[list[MessageRecord], dict[str, Vector]]]
+    ) -> None:
+        records = [r for rs, _ in turns for r in rs]
+        known = {text: vector for _, k in turns for text, vector in k.items()}
+        await self._index_records(records, known)
 
     async def _index_records(
         self, records: Sequence[MessageRecord], known: dict[str, Vector] | None = None
@@ -333,11 +355,17 @@ class MemoryManager:
     async def flush(self) -> None:
         """Wait until every turn stored so far is indexed (or has given up retrying)."""
         while self._pending:
+            self._index_now()
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def _index_now(self) -> None:
+        if self._window is not None:
+            self._window.start_now()
 
     async def _settle(self, conversation_id: str) -> None:
         tasks = [t for t, c in self._pending.items() if c == conversation_id]
         if tasks:
+            self._index_now()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ reading

@@ -545,3 +545,95 @@ async def test_a_conversation_can_be_continued_before_its_first_turn_lands(
         await memory.check_conversation(users.bob, announced)
     with pytest.raises(NotFoundError):
         await memory.check_conversation(users.alice, str(uuid.uuid4()))
+
+
+# ---------------------------------------------------------------------- indexing window
+
+
+class CountingEmbedder:
+    """The real embedder, recording which texts each indexing call carried."""
+
+    def __init__(self, embedder: Embedder, fail: int = 0) -> None:
+        self.embedder = embedder
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    async def __call__(self, texts: list[str]) -> list[list[list[float]]]:
+        self.calls.append(list(texts))
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("embedder replica restarting")
+        return await self.embedder.embed_documents(texts)
+
+
+async def test_turns_stored_together_are_indexed_in_one_call(
+    db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
+) -> None:
+    counting = CountingEmbedder(embedder)
+    manager = MemoryManager(
+        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0.2)
+    )
+    await asyncio.gather(*(
+        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
+        for i in range(5)
+    ))
+    await manager.flush()
+    assert len(counting.calls) == 1 and len(counting.calls[0]) == 10
+    assert await index.count(users.alice) == 10
+    [hit] = await manager.search(users.alice, "answer 3", 1)
+    assert hit.content == "answer 3"
+    # No flush: the window's end indexes a lone turn by itself.
+    counting.calls.clear()
+    await manager.store_turn(users.alice, None, turn("later question", "later answer"))
+    for _ in range(100):
+        if await index.count(users.alice) == 12:
+            break
+        await asyncio.sleep(0.05)
+    assert await index.count(users.alice) == 12
+    assert counting.calls == [["later question", "later answer"]]
+    await manager.close()
+
+
+async def test_without_a_window_every_turn_is_indexed_alone(
+    db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
+) -> None:
+    counting = CountingEmbedder(embedder)
+    manager = MemoryManager(
+        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0)
+    )
+    await asyncio.gather(*(
+        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
+        for i in range(3)
+    ))
+    await manager.flush()
+    assert sorted(len(c) for c in counting.calls) == [2, 2, 2]
+    assert await index.count(users.alice) == 6
+
+
+async def test_a_failed_window_retries_each_turn_alone(
+    db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(manager_module, "_INDEX_BACKOFF_S", 0.01)
+    counting = CountingEmbedder(embedder, fail=1)
+    manager = MemoryManager(
+        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0.2)
+    )
+    await asyncio.gather(*(
+        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
+        for i in range(3)
+    ))
+    await manager.flush()
+    assert [len(c) for c in counting.calls] == [6, 2, 2, 2]
+    assert await index.count(users.alice) == 6
+
+
+async def test_deleting_ends_the_window_instead_of_waiting_it_out(
+    db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
+) -> None:
+    manager = MemoryManager(
+        ConversationStore(db), index, embedder, settings(tmp_path, memory_index_wait_s=5)
+    )
+    cid, _ = await manager.store_turn(users.alice, None, turn("delete me", "deleted"))
+    await asyncio.wait_for(manager.delete_conversation(users.alice, cid), timeout=2)
+    assert await index.count(users.alice) == 0
