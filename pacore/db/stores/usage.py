@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from pacore.db.engine import Database
@@ -77,21 +77,22 @@ class UsageStore(StoreBase):
         response path); returns how many were written."""
         now = utcnow()
         rows = [
-            UsageLog(
-                id=new_id(), user_id=e.user_id, provider=e.provider, model=e.model,
-                prompt_tokens=max(0, e.prompt_tokens),
-                completion_tokens=max(0, e.completion_tokens), latency_ms=e.latency_ms,
-                status=e.status[:16],
-                cost_usd=self.prices.cost(
+            {
+                "id": new_id(), "user_id": e.user_id, "provider": e.provider, "model": e.model,
+                "prompt_tokens": max(0, e.prompt_tokens),
+                "completion_tokens": max(0, e.completion_tokens), "latency_ms": e.latency_ms,
+                "status": e.status[:16],
+                "cost_usd": self.prices.cost(
                     e.provider, e.model, e.prompt_tokens, e.completion_tokens, kind=e.kind
                 ),
-                created_at=e.at or now,
-            )
+                "created_at": e.at or now,
+            }
             for e in entries
         ]
         if rows:
+            # A bulk INSERT of plain rows: nothing reads them back, so no ORM objects are built.
             async with self.db.transaction() as session:
-                session.add_all(rows)
+                await session.execute(insert(UsageLog), rows)
         return len(rows)
 
     async def summary(self, user_id: str, since: datetime | None = None) -> UsageSummary:
