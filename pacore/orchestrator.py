@@ -190,7 +190,7 @@ class Orchestrator:
         finally:
             if not ctx_task.done():
                 ctx_task.cancel()
-        logger.info(
+        logger.debug(
             "route user=%s provider=%s model=%s reason=%s",
             user_id, decision.target.provider, decision.target.model, decision.reason,
         )
