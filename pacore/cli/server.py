@@ -118,10 +118,8 @@ def _start(console: Any, settings: Any, args: Any, num_cpus: float | None) -> tu
         ray.init(**init)
         serve.start(http_options={"host": settings.host, "port": settings.port})
     with console.status("deploying the graph (loading the embedding model) …"):
-        # As in the production configs: no access-log line per call on every hop (the
-        # Gateway's metrics count and time each request; errors are still logged).
         serve.run(build_app(args.model_dump(mode="json")), name=APP_NAME, route_prefix="/",
-                  blocking=False, logging_config={"enable_access_log": False})
+                  blocking=False)
     url = f"http://{_display_host(settings.host)}:{settings.port}"
     with console.status(f"waiting for {url}/health …"):
         _wait_healthy(url)
