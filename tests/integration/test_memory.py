@@ -566,17 +566,27 @@ class CountingEmbedder:
         return await self.embedder.embed_documents(texts)
 
 
+def windowed(
+    db: Database, index: VectorIndex, embed: Any, tmp_path: Path, wait_s: float
+) -> MemoryManager:
+    return MemoryManager(
+        ConversationStore(db), index, embed, settings(tmp_path, memory_index_wait_s=wait_s)
+    )
+
+
+async def store_numbered_turns(manager: MemoryManager, user_id: str, n: int) -> None:
+    """``n`` turns stored at once, each in a conversation of its own."""
+    await asyncio.gather(*(
+        manager.store_turn(user_id, None, turn(f"question {i}", f"answer {i}")) for i in range(n)
+    ))
+
+
 async def test_turns_stored_together_are_indexed_in_one_call(
     db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
 ) -> None:
     counting = CountingEmbedder(embedder)
-    manager = MemoryManager(
-        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0.2)
-    )
-    await asyncio.gather(*(
-        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
-        for i in range(5)
-    ))
+    manager = windowed(db, index, counting, tmp_path, 0.2)
+    await store_numbered_turns(manager, users.alice, 5)
     await manager.flush()
     assert len(counting.calls) == 1 and len(counting.calls[0]) == 10
     assert await index.count(users.alice) == 10
@@ -598,13 +608,8 @@ async def test_without_a_window_every_turn_is_indexed_alone(
     db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
 ) -> None:
     counting = CountingEmbedder(embedder)
-    manager = MemoryManager(
-        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0)
-    )
-    await asyncio.gather(*(
-        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
-        for i in range(3)
-    ))
+    manager = windowed(db, index, counting, tmp_path, 0)
+    await store_numbered_turns(manager, users.alice, 3)
     await manager.flush()
     assert sorted(len(c) for c in counting.calls) == [2, 2, 2]
     assert await index.count(users.alice) == 6
@@ -616,13 +621,8 @@ async def test_a_failed_window_retries_each_turn_alone(
 ) -> None:
     monkeypatch.setattr(manager_module, "_INDEX_BACKOFF_S", 0.01)
     counting = CountingEmbedder(embedder, fail=1)
-    manager = MemoryManager(
-        ConversationStore(db), index, counting, settings(tmp_path, memory_index_wait_s=0.2)
-    )
-    await asyncio.gather(*(
-        manager.store_turn(users.alice, None, turn(f"question {i}", f"answer {i}"))
-        for i in range(3)
-    ))
+    manager = windowed(db, index, counting, tmp_path, 0.2)
+    await store_numbered_turns(manager, users.alice, 3)
     await manager.flush()
     assert [len(c) for c in counting.calls] == [6, 2, 2, 2]
     assert await index.count(users.alice) == 6
@@ -631,9 +631,7 @@ async def test_a_failed_window_retries_each_turn_alone(
 async def test_deleting_ends_the_window_instead_of_waiting_it_out(
     db: Database, index: VectorIndex, embedder: Embedder, users: Users, tmp_path: Path
 ) -> None:
-    manager = MemoryManager(
-        ConversationStore(db), index, embedder, settings(tmp_path, memory_index_wait_s=5)
-    )
+    manager = windowed(db, index, embedder, tmp_path, 5)
     cid, _ = await manager.store_turn(users.alice, None, turn("delete me", "deleted"))
     await asyncio.wait_for(manager.delete_conversation(users.alice, cid), timeout=2)
     assert await index.count(users.alice) == 0
