@@ -192,7 +192,10 @@ def test_goals_compute_the_ratios_the_issue_names() -> None:
     assert _goal(items, "throughput, c=64").value == pytest.approx(250 / 120)
     assert _goal(items, "throughput, c=16").status == "info"
     assert _goal(items, "added time, 16-chunk").value == pytest.approx(5.0 / 12.0)
-    assert _goal(items, "memory on vs memory off").value == pytest.approx(4.0 / 3.0)
+    assert _goal(items, "memory on vs memory off, added").value == pytest.approx(4.0 / 3.0)
+    on_rps = _goal(items, "memory on vs memory off, throughput")
+    assert on_rps.value == pytest.approx(100 / 250) and on_rps.status == "info"
+    assert _goal(items, "memory on vs memory off, CPU").value == pytest.approx(20 / 6)
     assert _goal(items, "`pacore up` ready time, warm install, whole").value == 13.0
     assert _goal(items, "whole graph RSS").status == "PASS"
     assert _goal(items, "embedder deployment").value == pytest.approx(0.9)
