@@ -23,7 +23,8 @@ __all__ = ["ProviderDeployment"]
 class ProviderDeployment:
     """Serves one provider kind. The Router sends each request with the user's configuration
     (the key decrypted in memory for this request only); built SDK clients are cached per
-    (user, configuration) so connections are reused."""
+    (user, configuration) so connections are reused, and each call holds its client open until
+    it ends, even when the configuration changes meanwhile."""
 
     DEFAULT_OPTIONS: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 0.1},
@@ -43,26 +44,26 @@ class ProviderDeployment:
         self.linger_s = linger_s
         self._cache = ProviderCache()
 
-    def _provider(self, user_id: str, config: ProviderConfig):  # type: ignore[no-untyped-def]
-        return self._cache.get(user_id, config)
-
     async def stream(
         self, user_id: str, config: ProviderConfig, request: CompletionRequest
     ) -> AsyncIterator[CompletionChunk]:
-        stream = self._provider(user_id, config).stream(request)
-        async for chunk in coalesce(stream, linger_s=self.linger_s):
-            yield chunk
+        async with self._cache.use(user_id, config) as provider:
+            async for chunk in coalesce(provider.stream(request), linger_s=self.linger_s):
+                yield chunk
 
     async def complete(
         self, user_id: str, config: ProviderConfig, request: CompletionRequest
     ) -> CompletionResult:
-        return await self._provider(user_id, config).complete(request)
+        async with self._cache.use(user_id, config) as provider:
+            return await provider.complete(request)
 
     async def health(self, user_id: str, config: ProviderConfig) -> ProviderHealth:
-        return await self._provider(user_id, config).health_check()
+        async with self._cache.use(user_id, config) as provider:
+            return await provider.health_check()
 
     async def models(self, user_id: str, config: ProviderConfig) -> list[ModelInfo]:
-        return await self._provider(user_id, config).list_models()
+        async with self._cache.use(user_id, config) as provider:
+            return await provider.list_models()
 
     async def forget(self, user_id: str, name: str) -> None:
         self._cache.forget(user_id, name)

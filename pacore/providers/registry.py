@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from pacore.errors import BadRequestError
 from pacore.providers.base import Provider, ProviderConfig
@@ -56,57 +58,95 @@ class ProviderCache:
     The key holds the user id and a digest of the whole configuration, the API key included, so
     two users with the same label never share an instance, and an edited configuration gets a
     fresh one while the old one is closed.
+
+    Calls hold their provider through :meth:`use`. An instance that leaves the cache (its
+    configuration edited or forgotten, evicted) while calls still hold it is closed when the
+    last of them ends, never under an answer that is streaming: during a rolling upgrade, old
+    and new Router replicas send the same label with two configurations side by side.
     """
 
     def __init__(self, max_size: int = 1024) -> None:
         self._max_size = max_size
-        self._items: OrderedDict[tuple[str, str], Provider] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
+        self._retiring: set[_Entry] = set()  # out of the cache, closed when its last call ends
 
     def get(self, user_id: str, config: ProviderConfig) -> Provider:
-        key = (user_id, config.fingerprint())
-        provider = self._items.get(key)
-        if provider is not None:
-            self._items.move_to_end(key)
-            return provider
-        provider = provider_class(config.kind)(config)
-        self._items[key] = provider
-        label = (user_id, config.name)
-        stale = self._latest.get(label)
-        self._latest[label] = key[1]
-        if stale is not None and stale != key[1]:
-            self._close((user_id, stale))
-        while len(self._items) > self._max_size:
-            old_key, _ = next(iter(self._items.items()))
-            self._close(old_key)
-        return provider
+        """The instance for ``config``, built on first use. Calls that outlive the next change
+        of the cache hold it through :meth:`use` instead."""
+        return self._entry(user_id, config).provider
+
+    @contextlib.asynccontextmanager
+    async def use(self, user_id: str, config: ProviderConfig) -> AsyncIterator[Provider]:
+        """The instance for ``config``, kept open until the block ends."""
+        entry = self._entry(user_id, config)
+        entry.calls += 1
+        try:
+            yield entry.provider
+        finally:
+            entry.calls -= 1
+            if entry.calls == 0 and entry in self._retiring:
+                self._retiring.discard(entry)
+                _close_soon(entry.provider)
 
     def forget(self, user_id: str, name: str) -> None:
         """Drop the instance for a configuration the user removed or changed."""
         digest = self._latest.pop((user_id, name), None)
         if digest is not None:
-            self._close((user_id, digest))
+            self._retire((user_id, digest))
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def _close(self, key: tuple[str, str]) -> None:
-        provider = self._items.pop(key, None)
-        if provider is None:
+    def _entry(self, user_id: str, config: ProviderConfig) -> _Entry:
+        key = (user_id, config.fingerprint())
+        entry = self._items.get(key)
+        if entry is not None:
+            self._items.move_to_end(key)
+            return entry
+        entry = _Entry(provider_class(config.kind)(config))
+        self._items[key] = entry
+        label = (user_id, config.name)
+        stale = self._latest.get(label)
+        self._latest[label] = key[1]
+        if stale is not None and stale != key[1]:
+            self._retire((user_id, stale))
+        while len(self._items) > self._max_size:
+            self._retire(next(iter(self._items)))
+        return entry
+
+    def _retire(self, key: tuple[str, str]) -> None:
+        entry = self._items.pop(key, None)
+        if entry is None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        task = loop.create_task(provider.aclose())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        if entry.calls:
+            self._retiring.add(entry)
+        else:
+            _close_soon(entry.provider)
 
     async def aclose(self) -> None:
-        providers = list(self._items.values())
+        providers = [e.provider for e in (*self._items.values(), *self._retiring)]
         self._items.clear()
         self._latest.clear()
+        self._retiring.clear()
         await asyncio.gather(*(p.aclose() for p in providers), return_exceptions=True)
+
+
+@dataclass(eq=False)
+class _Entry:
+    provider: Provider
+    calls: int = 0  # calls holding the instance through ProviderCache.use
+
+
+def _close_soon(provider: Provider) -> None:
+    """Close ``provider`` in the background (on the running loop; none means nothing to do)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    task = loop.create_task(provider.aclose())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -411,3 +411,33 @@ def test_chunk_translation_edge_cases() -> None:
     for upstream, ours in [("eos", "stop"), ("function_call", "tool_calls"), ("length", "length")]:
         chunk = chunk_from_openai(sdk_chunk([{"index": 0, "delta": {}, "finish_reason": upstream}]))
         assert chunk is not None and chunk.finish_reason == ours
+
+
+# Serve awaits a deployment's async __del__ when it stops the replica; the garbage collector
+# here calls it once more and cannot.
+@pytest.mark.filterwarnings("ignore:coroutine 'ProviderDeployment.__del__':RuntimeWarning")
+async def test_streams_in_flight_survive_a_changed_configuration(server: OpenAIServer) -> None:
+    """Old and new Router replicas of a rolling upgrade send one label with two configurations
+    to the same provider replica: each answer streaming on the old client finishes on it."""
+    from deployments.providers import ProviderDeployment
+
+    def config(model: str) -> ProviderConfig:
+        return ProviderConfig(kind="openai", name="openai", api_key=KEY,
+                              base_url=server.base_url, default_model=model,
+                              options={"retry_base_delay_s": 0.01})
+
+    deployment = ProviderDeployment("openai")
+    server.token_delay_s = 0.05
+    try:
+        async def answer(model: str, after_s: float) -> str:
+            await asyncio.sleep(after_s)
+            chunks = await collect(deployment.stream("alice", config(model), ask()))
+            assert chunks[-1].finish_reason == "stop"
+            return chunks[-1].model or ""
+
+        models = await asyncio.gather(*(answer("gpt-old" if i % 2 else "gpt-new", 0.03 * i)
+                                        for i in range(8)))
+    finally:
+        server.token_delay_s = 0.0
+        await deployment.__del__()
+    assert models == ["gpt-new", "gpt-old"] * 4

@@ -165,3 +165,61 @@ def test_a_config_that_cannot_build_is_not_cached() -> None:
         cache.get("alice", ProviderConfig(kind="custom", name="mine"))  # no base_url
     assert len(cache) == 0
 
+
+
+# --------------------------------------------------------------------------- calls in flight
+
+
+async def test_an_instance_in_use_is_closed_when_its_last_call_ends() -> None:
+    cache = ProviderCache()
+    async with cache.use("alice", config(key="sk-old")) as old:
+        async with cache.use("alice", config(key="sk-old")) as same:
+            assert same is old
+            # The configuration changes (a rolling upgrade sends both side by side).
+            async with cache.use("alice", config(key="sk-new")) as new:
+                assert new is not old
+            await settle()
+            assert isinstance(old, FakeProvider) and not old.closed
+            assert len(cache) == 1
+        await settle()
+        assert not old.closed  # one call still holds it
+        assert (await old.complete(ASK)).content == "sk-old"
+    await settle()
+    assert old.closed
+    assert isinstance(new, FakeProvider) and not new.closed
+
+
+async def test_eviction_and_forget_wait_for_calls_in_flight() -> None:
+    cache = ProviderCache(max_size=1)
+    async with cache.use("u1", config()) as evicted:
+        cache.get("u2", config())
+        async with cache.use("u2", config()) as forgotten:
+            cache.forget("u2", "openai")
+            await settle()
+            assert isinstance(evicted, FakeProvider) and not evicted.closed
+            assert isinstance(forgotten, FakeProvider) and not forgotten.closed
+        await settle()
+        assert forgotten.closed and not evicted.closed
+    await settle()
+    assert evicted.closed
+    assert len(cache) == 0
+
+
+async def test_a_failing_call_releases_its_instance() -> None:
+    cache = ProviderCache()
+    with pytest.raises(RuntimeError):
+        async with cache.use("alice", config(key="sk-old")):
+            raise RuntimeError("upstream")
+    old = cache.get("alice", config(key="sk-old"))
+    cache.get("alice", config(key="sk-new"))
+    await settle()
+    assert isinstance(old, FakeProvider) and old.closed
+
+
+async def test_aclose_closes_instances_still_in_use() -> None:
+    cache = ProviderCache()
+    async with cache.use("alice", config(key="sk-old")) as old:
+        current = cache.get("alice", config(key="sk-new"))
+        await cache.aclose()
+        assert isinstance(old, FakeProvider) and old.closed
+        assert isinstance(current, FakeProvider) and current.closed
