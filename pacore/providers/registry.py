@@ -62,14 +62,16 @@ class ProviderCache:
     Calls hold their provider through :meth:`use`. An instance that leaves the cache (its
     configuration edited or forgotten, evicted) while calls still hold it is closed when the
     last of them ends, never under an answer that is streaming: during a rolling upgrade, old
-    and new Router replicas send the same label with two configurations side by side.
+    and new Router replicas send the same label with two configurations side by side. A
+    configuration that comes back while its instance is still open gets that instance again.
     """
 
     def __init__(self, max_size: int = 1024) -> None:
         self._max_size = max_size
         self._items: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
-        self._retiring: set[_Entry] = set()  # out of the cache, closed when its last call ends
+        # Out of the cache, each closed when its last call ends.
+        self._retiring: dict[tuple[str, str], _Entry] = {}
 
     def get(self, user_id: str, config: ProviderConfig) -> Provider:
         """The instance for ``config``, built on first use. Calls that outlive the next change
@@ -85,8 +87,8 @@ class ProviderCache:
             yield entry.provider
         finally:
             entry.calls -= 1
-            if entry.calls == 0 and entry in self._retiring:
-                self._retiring.discard(entry)
+            if entry.calls == 0 and self._retiring.get(entry.key) is entry:
+                del self._retiring[entry.key]
                 _close_soon(entry.provider)
 
     def forget(self, user_id: str, name: str) -> None:
@@ -104,7 +106,7 @@ class ProviderCache:
         if entry is not None:
             self._items.move_to_end(key)
             return entry
-        entry = _Entry(provider_class(config.kind)(config))
+        entry = self._retiring.pop(key, None) or _Entry(key, provider_class(config.kind)(config))
         self._items[key] = entry
         label = (user_id, config.name)
         stale = self._latest.get(label)
@@ -120,12 +122,12 @@ class ProviderCache:
         if entry is None:
             return
         if entry.calls:
-            self._retiring.add(entry)
+            self._retiring[key] = entry
         else:
             _close_soon(entry.provider)
 
     async def aclose(self) -> None:
-        providers = [e.provider for e in (*self._items.values(), *self._retiring)]
+        providers = [e.provider for e in (*self._items.values(), *self._retiring.values())]
         self._items.clear()
         self._latest.clear()
         self._retiring.clear()
@@ -134,6 +136,7 @@ class ProviderCache:
 
 @dataclass(eq=False)
 class _Entry:
+    key: tuple[str, str]  # (user id, configuration fingerprint)
     provider: Provider
     calls: int = 0  # calls holding the instance through ProviderCache.use
 

@@ -166,7 +166,6 @@ def test_a_config_that_cannot_build_is_not_cached() -> None:
     assert len(cache) == 0
 
 
-
 # --------------------------------------------------------------------------- calls in flight
 
 
@@ -187,6 +186,20 @@ async def test_an_instance_in_use_is_closed_when_its_last_call_ends() -> None:
     await settle()
     assert old.closed
     assert isinstance(new, FakeProvider) and not new.closed
+
+
+async def test_a_configuration_that_comes_back_gets_its_open_instance_again() -> None:
+    """A rolling upgrade alternates two configurations: no client is built per request."""
+    cache = ProviderCache()
+    async with cache.use("alice", config(key="sk-old")) as old:
+        async with cache.use("alice", config(key="sk-new")) as new:
+            assert cache.get("alice", config(key="sk-old")) is old
+        await settle()
+        assert isinstance(new, FakeProvider) and new.closed  # its last call ended
+    await settle()
+    assert isinstance(old, FakeProvider) and not old.closed  # current again
+    assert cache.get("alice", config(key="sk-old")) is old
+    assert len(cache) == 1
 
 
 async def test_eviction_and_forget_wait_for_calls_in_flight() -> None:
