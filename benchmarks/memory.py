@@ -122,21 +122,27 @@ def bench_embedder(quick: bool) -> dict[str, Any]:
         "ratio": served / same,
         "ratio_vs_whole": served / whole,
         "backend": embedder.backend,
+        "precision": embedder.precision,
         "runtimes": bench_runtimes(texts, batch) if embedder.device == "cpu" else [],
     }
 
 
 def bench_runtimes(texts: list[str], batch: int, rounds: int = 3) -> list[dict[str, Any]]:
-    """The embedder's two CPU runtimes on the same model and texts, one thread each (what a
-    replica reserving a core gets): one short query at a time (what a request waits for), and
-    full batches (what indexing and a loaded server get)."""
+    """The embedder's CPU runtimes on the same model and texts, one thread each (what a replica
+    reserving a core gets): ONNX Runtime in fp32 and in int8 (the CPU default), and torch. One
+    short query at a time (what a request waits for), and a run of texts (what indexing and a
+    loaded server get); the int8 row also says how close its vectors are to fp32's."""
     from pacore.memory.embedder import Embedder
 
-    runtimes = {b: Embedder(device="cpu", backend=b, threads=1) for b in ("onnx", "torch")}
+    runtimes = {
+        "onnx": Embedder(device="cpu", backend="onnx", precision="fp32", threads=1),
+        "onnx-int8": Embedder(device="cpu", backend="onnx", precision="int8", threads=1),
+        "torch": Embedder(device="cpu", backend="torch", threads=1),
+    }
     query = "When does the release train leave?"
     single: dict[str, list[float]] = {b: [] for b in runtimes}
     batched: dict[str, list[float]] = {b: [] for b in runtimes}
-    for _ in range(rounds):  # interleaved, so that drift hits both
+    for _ in range(rounds):  # interleaved, so that drift hits all of them
         for name, e in runtimes.items():
             e.encode([query])
             samples = []
@@ -148,8 +154,15 @@ def bench_runtimes(texts: list[str], batch: int, rounds: int = 3) -> list[dict[s
             t = time.perf_counter()
             e.encode(texts[: batch * 2], batch_size=batch)
             batched[name].append(batch * 2 / (time.perf_counter() - t))
-    return [{"backend": b, "query_p50_ms": min(single[b]), "batch_per_s": max(batched[b])}
-            for b in runtimes]
+    out: list[dict[str, Any]] = [
+        {"backend": b, "precision": runtimes[b].precision, "query_p50_ms": min(single[b]),
+         "batch_per_s": max(batched[b])}
+        for b in runtimes
+    ]
+    exact = runtimes["onnx"].encode(texts, batch_size=batch)
+    cosine = np.sum(exact * runtimes["onnx-int8"].encode(texts, batch_size=batch), axis=1)
+    out[1].update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    return out
 
 
 # ---------------------------------------------------------------------------- index data

@@ -163,6 +163,18 @@ def memory_goals(memory: dict[str, Any] | None) -> list[Goal]:
                         "throughput", ratio(onnx["batch_per_s"], torch["batch_per_s"]), None,
                         False, "x",
                         f"{onnx['batch_per_s']:.0f} vs {torch['batch_per_s']:.0f} texts/s"))
+    if {"onnx", "onnx-int8"} <= runtimes.keys():
+        fp32, int8 = runtimes["onnx"], runtimes["onnx-int8"]
+        out.append(Goal("embedder one short query, int8 vs fp32 (ONNX Runtime, one thread), p50",
+                        ratio(int8["query_p50_ms"], fp32["query_p50_ms"]), None, True, "x",
+                        f"{int8['query_p50_ms']:.2f} vs {fp32['query_p50_ms']:.2f} ms"))
+        out.append(Goal("embedder texts, int8 vs fp32 (ONNX Runtime, one thread), throughput",
+                        ratio(int8["batch_per_s"], fp32["batch_per_s"]), None, False, "x",
+                        f"{int8['batch_per_s']:.0f} vs {fp32['batch_per_s']:.0f} texts/s"))
+        if "cosine_min" in int8:
+            out.append(Goal("embedder int8 vectors vs fp32, cosine similarity (lowest)",
+                            int8["cosine_min"], None, False, "",
+                            f"mean {int8['cosine_mean']:.4f}, lowest {int8['cosine_min']:.4f}"))
     rows = memory.get("index") or []
     exact = {(r.get("points"), r.get("filter")): r.get("p50_ms") for r in rows
              if r.get("index") == "numpy exact"}

@@ -138,6 +138,7 @@ class EmbedderDeployment:
             "max_tokens": e.max_tokens,
             "device": e.device,
             "backend": e.backend,
+            "precision": e.precision,
         }
 
 

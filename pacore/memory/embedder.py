@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pacore.errors import BadRequestError, PACoreError
-from pacore.memory.encoders import Backend, load_encoder
+from pacore.memory.encoders import Backend, Precision, load_encoder
 
 if TYPE_CHECKING:
     from pacore.config import Settings
@@ -69,7 +69,8 @@ class Embedder:
     tokens (each window gets a vector); queries are embedded whole (the model truncates them).
     Encoding runs in a worker thread so that an event loop calling the async methods never blocks.
     On the CPU the model runs in ONNX Runtime (exported once into ``cache_dir``), elsewhere in
-    torch; ``backend`` chooses (see :func:`pacore.memory.encoders.load_encoder`).
+    torch; ``backend`` chooses, and ``precision`` whether ONNX Runtime runs the model in int8
+    (see :func:`pacore.memory.encoders.load_encoder`).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Embedder:
         device: str = "auto",
         *,
         backend: Backend = "auto",
+        precision: Precision = "auto",
         cache_dir: Path | None = None,
         threads: int | None = None,
         batch_size: int = 64,
@@ -92,7 +94,7 @@ class Embedder:
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)  # readable by its owner only
         try:
             self._encoder = load_encoder(
-                resolve_model_path(model), self.device, backend, cache, threads
+                resolve_model_path(model), self.device, backend, cache, threads, precision
             )
         except OSError as exc:
             raise PACoreError(
@@ -100,6 +102,7 @@ class Embedder:
                 code="embedding_model_unavailable",
             ) from exc
         self.backend = self._encoder.backend
+        self.precision = self._encoder.precision
         # Counting and chunking get a tokenizer of their own, so that they never wait for an
         # encode in progress.
         self._tokenizer: Any = self._encoder.new_tokenizer()
@@ -120,6 +123,7 @@ class Embedder:
             settings.embedding_model,
             settings.embedding_device,
             backend=settings.embedding_backend,
+            precision=settings.embedding_precision,
             cache_dir=settings.cache_dir / "models",
             threads=threads,
             batch_size=settings.embedding_batch_size,

@@ -4,6 +4,12 @@ Both read the same sentence-transformers model directory and give the same vecto
 export is checked against torch when it is made). On CPUs ONNX Runtime encodes a short query in
 about a third of torch's time and keeps torch out of the serving process; torch serves CUDA and
 models whose modules the ONNX path does not reproduce.
+
+On the CPU the exported model's matrix multiplications are quantized to int8 by default (once,
+per output channel, activations quantized as they come): they hold nearly all of the model's
+work and weights, and in int8 a query encodes about twice as fast and a batch about three times.
+The quantized model is kept only if its sentence vectors agree with fp32's on a probe set
+(cosine similarity ``MIN_INT8_COSINE`` or more for every probe); ``fp32`` keeps the exact ones.
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -21,8 +31,10 @@ import numpy as np
 from pacore.errors import PACoreError
 
 __all__ = [
+    "MIN_INT8_COSINE",
     "Backend",
     "OnnxEncoder",
+    "Precision",
     "SentenceEncoder",
     "TorchEncoder",
     "load_encoder",
@@ -32,6 +44,26 @@ __all__ = [
 logger = logging.getLogger("pacore.memory")
 
 Backend = Literal["auto", "onnx", "torch"]
+Precision = Literal["auto", "fp32", "int8"]
+
+# The int8 model is kept only if every probe's vector is at least this close to fp32's: a broken
+# quantization lands far below. Measured against fp32 on 2,188 English sentences: cosine mean
+# 0.993, lowest 0.982; the nearest ten of 300 queries were 90% the same ones, and each query
+# found its source sentence first about as often. One- and two-word replies move most ("yes",
+# "thanks": 0.95-0.96), texts that carry little to search by in either precision.
+MIN_INT8_COSINE = 0.97
+# Part of the cache key of the quantized file: bump it when the quantization changes.
+QUANTIZE_VERSION = 1
+_INT8_PROBES = [
+    "how do I sort a list in python",
+    "a",
+    "Die Zugfahrt dauert drei Stunden.",
+    "SELECT id, name FROM users WHERE created_at > now() - interval '7 days';",
+    "The quarterly report shows revenue up 12% while operating costs fell for the third time.",
+    "Please move the meeting to Thursday afternoon if the room is free.",
+    "Rust's borrow checker rejects two mutable references to the same value in one scope.",
+    "¿Dónde está la estación de tren más cercana?",
+]
 
 _TRANSFORMER, _POOLING, _NORMALIZE = "Transformer", "Pooling", "Normalize"
 # sentence-transformers' pooling flags that the ONNX path implements, and what it calls them.
@@ -48,6 +80,7 @@ class SentenceEncoder(Protocol):
 
     backend: str
     device: str
+    precision: str  # the weights' number format: fp32 or int8
     dimension: int
     max_seq_length: int  # tokens the model reads, its special tokens included
 
@@ -62,6 +95,7 @@ class TorchEncoder:
     """sentence-transformers on torch (any model it loads, on any device)."""
 
     backend = "torch"
+    precision = "fp32"
 
     def __init__(self, path: str, device: str, threads: int | None = None) -> None:
         from sentence_transformers import SentenceTransformer
@@ -96,11 +130,17 @@ class OnnxEncoder:
     device = "cpu"
 
     def __init__(
-        self, model_dir: str, onnx_file: str, layout: dict[str, Any], threads: int | None = None
+        self,
+        model_dir: str,
+        onnx_file: str,
+        layout: dict[str, Any],
+        threads: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        self.precision = precision
         self._pooling: str = layout["pooling"]
         self._lower: bool = layout["lower_case"]
         self.max_seq_length = int(layout["max_seq_length"])
@@ -124,6 +164,12 @@ class OnnxEncoder:
         self.dimension = int(self.encode(["dimension"], 1).shape[1])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        if self.precision == "int8":
+            # int8 activations are scaled by the whole input's range, so companions and padding
+            # in a batch would move a text's vector (measured down to cosine 0.95 against the
+            # same text alone): one text per run keeps each vector a function of its text only,
+            # and costs no speed here (no padding; 433 vs 356 texts/s at batch 64, one thread).
+            batch_size = 1
         if self._lower:
             texts = [t.lower() for t in texts]
         # Like sentence-transformers: longest first, so that a batch pads to similar lengths.
@@ -189,26 +235,38 @@ def onnx_layout(model_dir: str) -> dict[str, Any] | None:
 
 
 def load_encoder(
-    path: str, device: str, backend: Backend, cache_dir: Path, threads: int | None = None
+    path: str,
+    device: str,
+    backend: Backend,
+    cache_dir: Path,
+    threads: int | None = None,
+    precision: Precision = "auto",
 ) -> SentenceEncoder:
     """The encoder for ``path`` on ``device``. ``auto`` is ONNX Runtime on the CPU when the
     model's modules allow it (exported once into ``cache_dir``), torch otherwise or when the
-    export fails; ``onnx`` fails rather than fall back."""
+    export fails; ``onnx`` fails rather than fall back. ``precision`` ``auto`` is int8 where
+    ONNX Runtime encodes and fp32 elsewhere (and where the int8 model disagrees with fp32);
+    ``int8`` fails rather than fall back."""
+    if precision == "int8" and (backend == "torch" or device != "cpu"):
+        raise PACoreError("int8 embeddings run on the onnx backend on the CPU only",
+                          code="embedding_backend_unavailable")
     if backend == "torch" or (backend == "auto" and device != "cpu"):
         return TorchEncoder(path, device, threads)
     if device != "cpu":
         raise PACoreError("the onnx embedding backend runs on the CPU only",
                           code="embedding_backend_unavailable")
     try:
-        return _onnx_encoder(path, cache_dir, threads)
+        return _onnx_encoder(path, cache_dir, threads, precision)
     except PACoreError as exc:
-        if backend == "onnx":
+        if backend == "onnx" or precision == "int8":
             raise
         logger.warning("embedding on torch: %s", exc.message)
         return TorchEncoder(path, device, threads)
 
 
-def _onnx_encoder(path: str, cache_dir: Path, threads: int | None) -> OnnxEncoder:
+def _onnx_encoder(
+    path: str, cache_dir: Path, threads: int | None, precision: Precision
+) -> OnnxEncoder:
     layout = onnx_layout(path) if Path(path).is_dir() else None
     if layout is None:
         raise PACoreError(f"the ONNX runtime cannot run the embedding model at {path}",
@@ -221,7 +279,68 @@ def _onnx_encoder(path: str, cache_dir: Path, threads: int | None) -> OnnxEncode
     target = cache_dir / f"{Path(path).name}-{_digest(path)}.onnx"
     if not target.is_file():
         _export(path, target)
+    if precision != "fp32":
+        try:
+            int8 = _quantized(path, target, layout)
+            return OnnxEncoder(path, str(int8), layout, threads, precision="int8")
+        except PACoreError as exc:
+            if precision == "int8":
+                raise
+            logger.warning("embedding in fp32: %s", exc.message)
     return OnnxEncoder(path, str(target), layout, threads)
+
+
+def _quantized(path: str, fp32_file: Path, layout: dict[str, Any]) -> Path:
+    """The int8 form of ``fp32_file`` beside it: made once, written under a temporary name and
+    renamed into place only when its vectors agree with fp32's, so a cache never holds a
+    partial or a wrong one."""
+    target = fp32_file.with_name(f"{fp32_file.stem}-int8-v{QUANTIZE_VERSION}.onnx")
+    if target.is_file():
+        return target
+    logger.info("quantizing the embedding model to int8 (once): %s", target)
+    fd, name = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    scratch = Path(name)
+    try:
+        try:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with _quantizer_quiet():
+                quantize_dynamic(
+                    str(fp32_file), str(scratch), weight_type=QuantType.QInt8,
+                    per_channel=True, op_types_to_quantize=["MatMul"],
+                )
+        except Exception as exc:  # any failure leaves the fp32 model in use
+            raise PACoreError(f"quantizing the embedding model to int8 failed: {exc}",
+                              code="embedding_backend_unavailable") from exc
+        exact = OnnxEncoder(path, str(fp32_file), layout, threads=1).encode(_INT8_PROBES, 16)
+        int8 = OnnxEncoder(path, str(scratch), layout, threads=1).encode(_INT8_PROBES, 16)
+        worst = float(np.min(np.sum(exact * int8, axis=1)))
+        if worst < MIN_INT8_COSINE:
+            raise PACoreError(
+                f"the int8 embedding model disagrees with fp32 (cosine {worst:.3f} < "
+                f"{MIN_INT8_COSINE})", code="embedding_backend_unavailable",
+            )
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return target
+
+
+@contextmanager
+def _quantizer_quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs to the root logger, a line per tensor and advice meant
+    for image models: noise for this one."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "quantization" not in Path(record.pathname).parts
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _export(path: str, target: Path) -> None:

@@ -164,6 +164,9 @@ def _results(with_litellm: bool = True) -> dict[str, Any]:
     memory = {"embedder": {"deployment_per_s": 450.0, "raw_per_s": 500.0,
                            "runtimes": [{"backend": "onnx", "query_p50_ms": 5.0,
                                          "batch_per_s": 300.0},
+                                        {"backend": "onnx-int8", "query_p50_ms": 2.0,
+                                         "batch_per_s": 900.0, "cosine_mean": 0.993,
+                                         "cosine_min": 0.981},
                                         {"backend": "torch", "query_p50_ms": 15.0,
                                          "batch_per_s": 200.0}]},
               "index": [{"points": 10000, "filter": "user", "index": "numpy exact",
@@ -201,6 +204,10 @@ def test_goals_compute_the_ratios_the_issue_names() -> None:
     assert _goal(items, "embedder deployment").value == pytest.approx(0.9)
     assert _goal(items, "embedder one short query, ONNX").value == pytest.approx(1 / 3)
     assert _goal(items, "embedder batches of 64, ONNX").value == pytest.approx(1.5)
+    assert _goal(items, "embedder one short query, int8").value == pytest.approx(2 / 5)
+    assert _goal(items, "embedder texts, int8").value == pytest.approx(3.0)
+    agreement = _goal(items, "embedder int8 vectors vs fp32")
+    assert agreement.value == pytest.approx(0.981) and "mean 0.9930" in agreement.detail
     assert _goal(items, "memory search p50, qdrant-edge (HNSW)").value == pytest.approx(0.5)
 
 

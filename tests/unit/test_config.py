@@ -28,7 +28,7 @@ def test_defaults_are_the_embedded_mode_on_loopback(tmp_path: Path,
     assert settings.port == 8000
     assert settings.data_dir == tmp_path / ".pacore"
     assert settings.cache_dir == tmp_path / ".cache" / "pacore"
-    assert settings.embedding_backend == "auto"
+    assert (settings.embedding_backend, settings.embedding_precision) == ("auto", "auto")
     assert settings.resolved_database_url == f"sqlite+aiosqlite:///{tmp_path / '.pacore' / 'pacore.db'}"
     assert settings.qdrant_url is None and settings.redis_url is None
     assert settings.secret_key is None and settings.master_key is None
