@@ -329,9 +329,14 @@ def render(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """``<date>-<host>.md`` and ``.json`` in ``out_dir``."""
+    """``<date>-<host>.md`` and ``.json`` in ``out_dir``; a later run of the same day on the
+    same host gets ``<date>-<host>-2`` and so on, never overwriting an earlier one."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['meta']['date']}-{results['meta']['host']}"
+    base = f"{results['meta']['date']}-{results['meta']['host']}"
+    stem, n = base, 1
+    while (out_dir / f"{stem}.md").exists() or (out_dir / f"{stem}.json").exists():
+        n += 1
+        stem = f"{base}-{n}"
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     md.write_text(render(results))
     tmp = js.with_suffix(".json.tmp")

@@ -243,6 +243,17 @@ def test_write_puts_markdown_and_json_side_by_side(tmp_path: Path) -> None:
     assert "## Method" in md.read_text()
 
 
+def test_a_second_run_of_the_day_keeps_the_first(tmp_path: Path) -> None:
+    first = report.write(_results(), tmp_path)
+    second = report.write(_results(), tmp_path)
+    third = report.write(_results(), tmp_path)
+    assert [p.name for p in (*second, *third)] == [
+        "2026-01-02-box-2.md", "2026-01-02-box-2.json", "2026-01-02-box-3.md",
+        "2026-01-02-box-3.json",
+    ]
+    assert all(p.exists() for p in (*first, *second, *third))
+
+
 # ---------------------------------------------------------------------------- load generator
 
 
