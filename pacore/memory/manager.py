@@ -383,9 +383,20 @@ class MemoryManager:
         return [_result(c) for c in found[:limit]]
 
     async def _hydrated(
-        self, user_id: str, vector: Sequence[float], limit: int, flt: IndexFilter | None
+        self,
+        user_id: str,
+        vector: Sequence[float],
+        limit: int,
+        flt: IndexFilter | None,
+        min_score: float | None = None,
     ) -> list[_Candidate]:
         hits = await self._index.search(vector, user_id=user_id, limit=limit, filters=flt)
+        if min_score is not None:
+            # Only what can be chosen is read from SQL: a turn that memory has nothing close
+            # to (the common case for a new topic) costs no read at all.
+            hits = [h for h in hits if h.score >= min_score]
+        if not hits:
+            return []
         records = await self._store.messages_by_ids(user_id, [h.message_id for h in hits])
         orphans = [h.message_id for h in hits if h.message_id not in records]
         if orphans:  # vectors of messages deleted while they were being indexed
@@ -412,12 +423,10 @@ class MemoryManager:
         in_prompt = {_norm(m.text()) for m in query_messages if m.text().strip()}
         exclude = await self._in_prompt_ids(user_id, conversation_id, query_messages, in_prompt)
         flt = IndexFilter(exclude_message_ids=frozenset(exclude))
-        found = await self._hydrated(user_id, vector, s.memory_top_k * 2, flt)
-        chosen = [
-            c
-            for c in found
-            if c.hit.score >= s.memory_min_score and _norm(c.record.content) not in in_prompt
-        ][: s.memory_top_k]
+        found = await self._hydrated(
+            user_id, vector, s.memory_top_k * 2, flt, min_score=s.memory_min_score
+        )
+        chosen = [c for c in found if _norm(c.record.content) not in in_prompt][: s.memory_top_k]
         return self._render(chosen)
 
     async def _in_prompt_ids(

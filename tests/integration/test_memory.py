@@ -18,6 +18,7 @@ from pacore.config import Settings
 from pacore.db.engine import Database
 from pacore.db.migrate import upgrade
 from pacore.db.stores.conversations import ConversationStore
+from pacore.db.stores.records import MessageRecord
 from pacore.db.stores.users import UserStore
 from pacore.errors import BadRequestError, ConflictError, NotFoundError
 from pacore.memory import manager as manager_module
@@ -391,8 +392,23 @@ async def test_context_respects_top_k_score_and_budget(
     assert tight.system_text is not None and 1 <= len(tight.refs) < 6
     assert embedder.count_tokens(tight.system_text) <= 60
 
-    none = await manager(memory_min_score=0.99).context_for(users.alice, query)
+    store = ConversationStore(db)
+    read: list[list[str]] = []
+    read_messages = store.messages_by_ids
+
+    async def recording(user_id: str, ids: Sequence[str]) -> dict[str, MessageRecord]:
+        read.append(list(ids))
+        return await read_messages(user_id, ids)
+
+    store.messages_by_ids = recording  # type: ignore[method-assign]
+    strict = MemoryManager(store, index, embedder, settings(tmp_path, memory_min_score=0.99))
+    none = await strict.context_for(users.alice, query)
     assert none == (None, [])
+    assert read == []  # nothing scored high enough: no message is read from SQL
+    picky = MemoryManager(store, index, embedder, settings(tmp_path, memory_min_score=0.3,
+                                                           memory_top_k=3))
+    assert len((await picky.context_for(users.alice, query)).refs) == 3
+    assert 3 <= len(read[-1]) <= 6  # at most the top_k * 2 hits, and only those scoring 0.3+
     off = await manager(memory_top_k=0).context_for(users.alice, query)
     assert off == (None, [])
 
