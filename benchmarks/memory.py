@@ -154,15 +154,15 @@ def bench_runtimes(texts: list[str], batch: int, rounds: int = 3) -> list[dict[s
             t = time.perf_counter()
             e.encode(texts[: batch * 2], batch_size=batch)
             batched[name].append(batch * 2 / (time.perf_counter() - t))
-    out: list[dict[str, Any]] = [
-        {"backend": b, "precision": runtimes[b].precision, "query_p50_ms": min(single[b]),
-         "batch_per_s": max(batched[b])}
-        for b in runtimes
-    ]
+    rows: dict[str, dict[str, Any]] = {
+        b: {"backend": b, "precision": e.precision, "query_p50_ms": min(single[b]),
+            "batch_per_s": max(batched[b])}
+        for b, e in runtimes.items()
+    }
     exact = runtimes["onnx"].encode(texts, batch_size=batch)
     cosine = np.sum(exact * runtimes["onnx-int8"].encode(texts, batch_size=batch), axis=1)
-    out[1].update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
-    return out
+    rows["onnx-int8"].update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    return list(rows.values())
 
 
 # ---------------------------------------------------------------------------- index data
