@@ -19,6 +19,7 @@ __all__ = [
     "pss_bytes",
     "rss_by_process",
     "rss_bytes",
+    "serve_replica_count",
     "snapshot",
     "still_alive",
 ]
@@ -164,14 +165,28 @@ def process_name(argv: list[str]) -> str:
     return exe
 
 
-def rss_by_process(root: int) -> list[tuple[str, float]]:
-    """Resident MiB of the system's processes, grouped by name, largest first."""
-    groups: dict[str, float] = {}
+REPLICA_PREFIX = "ray::ServeReplica:"
+
+
+def _named(root: int) -> list[tuple[int, str]]:
+    out = []
     for p in processes(root):
         try:
             argv = (PROC / str(p.pid) / "cmdline").read_text().split("\0")
         except OSError:
-            continue
-        name = process_name(argv)
-        groups[name] = groups.get(name, 0.0) + _resident(p.pid) / 2**20
+            continue  # gone since it was listed
+        out.append((p.pid, process_name(argv)))
+    return out
+
+
+def rss_by_process(root: int) -> list[tuple[str, float]]:
+    """Resident MiB of the system's processes, grouped by name, largest first."""
+    groups: dict[str, float] = {}
+    for pid, name in _named(root):
+        groups[name] = groups.get(name, 0.0) + _resident(pid) / 2**20
     return sorted(groups.items(), key=lambda kv: -kv[1])
+
+
+def serve_replica_count(root: int) -> int:
+    """How many Ray Serve replicas the system runs (a deployment's replicas share one name)."""
+    return sum(1 for _, name in _named(root) if name.startswith(REPLICA_PREFIX))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procs import REPLICA_PREFIX
 from benchmarks.stats import Spread, added, ratio, spread
 
 __all__ = ["Goal", "aggregate", "goals", "render", "rerender", "write"]
@@ -129,10 +130,32 @@ def goals(agg: Aggregate, systems: dict[str, dict[str, Any]],
                        systems.get(PA_OFF, {}).get("ready_s"), None, " s"),
         _quantity_goal("whole graph RSS at idle (all its processes)",
                        systems.get(PA_ON, {}).get("rss_idle_mb"), 2048.0, " MB"),
+        _rss_floor_goal(systems),
         _quantity_goal("whole graph PSS at idle (shared pages counted once)",
                        systems.get(PA_ON, {}).get("pss_idle_mb"), None, " MB"),
     ]
     return out + memory_goals(memory)
+
+
+def _rss_floor_goal(systems: dict[str, dict[str, Any]]) -> Goal:
+    """The whole graph's idle RSS against what a bare Serve graph with as many replicas would
+    hold: the bare chain's processes other than its replicas (Ray's own, Serve's controller and
+    proxies, the driver) plus PA Core's replica count times the bare chain's mean replica."""
+    name = "whole graph RSS at idle vs a bare Serve graph of as many replicas"
+    bare, mine = systems.get(BARE, {}), systems.get(PA_ON, {})
+    groups = bare.get("rss_idle_by_process") or []
+    bare_n, my_n = bare.get("serve_replicas_idle"), mine.get("serve_replicas_idle")
+    my_rss = spread(mine.get("rss_idle_mb") or [])
+    if not groups or not bare_n or not my_n or my_rss is None:
+        return Goal(name, None, None, True, "x", "not measured")
+    replicas = sum(mb for proc, mb in groups if proc.startswith(REPLICA_PREFIX))
+    fixed = sum(mb for proc, mb in groups if not proc.startswith(REPLICA_PREFIX))
+    per_replica = replicas / bare_n
+    floor = fixed + my_n * per_replica
+    return Goal(name, ratio(my_rss.median, floor), None, True, "x",
+                f"PA Core {my_rss.median:.0f} MB with {my_n} replicas vs {floor:.0f} MB: the bare "
+                f"chain's other processes {fixed:.0f} MB + {my_n} replicas of its "
+                f"{per_replica:.0f} MB each")
 
 
 def _quantity_goal(name: str, values: list[float | None] | None, limit: float | None,

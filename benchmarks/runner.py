@@ -166,6 +166,7 @@ def measure_idle(root: int, record: dict[str, Any]) -> None:
     record.setdefault("rss_idle_mb", []).append(procs.rss_bytes(root) / 2**20)
     record.setdefault("pss_idle_mb", []).append(procs.pss_bytes(root) / 2**20)
     record.setdefault("rss_idle_by_process", procs.rss_by_process(root))
+    record.setdefault("serve_replicas_idle", procs.serve_replica_count(root))
 
 
 def run_system(system: System, upstream: Upstream, loadgen: LoadGen, plan: Plan, workdir: Path,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,22 @@ def test_processes_of_a_real_tree_have_memory_and_cpu() -> None:
     assert procs.still_alive(members) == []
 
 
+def test_serve_replicas_are_counted_by_their_ray_title() -> None:
+    title = "ray::ServeReplica:app:Router"
+    children = [subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 30']) for _ in range(2)]
+    children.append(subprocess.Popen(["bash", "-c", 'exec -a "ray::ServeController" sleep 30']))
+    try:
+        deadline = time.monotonic() + 10
+        while procs.serve_replica_count(os.getpid()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until both have exec'd under their title
+        assert procs.serve_replica_count(os.getpid()) == 2
+        assert title in dict(procs.rss_by_process(os.getpid()))
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
 def test_process_names() -> None:
     assert procs.process_name(["ray::ServeReplica:pacore:Gateway", ""]) == (
         "ray::ServeReplica:pacore:Gateway")
@@ -159,6 +176,13 @@ def _results(with_litellm: bool = True) -> dict[str, Any]:
                       "idle_cpu_pct": [5.0, 7.0],
                       "rss_idle_by_process": [["ray::IDLE", 300.0], ["raylet", 80.0]]}
                for name in table}
+    # The bare chain: three replicas of 150 MB beside 1000 MB of other processes; PA Core with
+    # memory runs nine replicas (two of them one deployment's, under one name).
+    systems[report.BARE].update(serve_replicas_idle=3, rss_idle_by_process=[
+        ["ray::ServeController", 600.0], ["python benchmarks.bare_chain", 400.0],
+        ["ray::ServeReplica:bare:BareIngress", 140.0], ["ray::ServeReplica:bare:BareRouter", 150.0],
+        ["ray::ServeReplica:bare:BareProvider", 160.0]])
+    systems[report.PA_ON].update(serve_replicas_idle=9, rss_idle_mb=[2900.0, 2700.0, 2800.0])
     if not with_litellm:
         systems[report.LITELLM].update(status="skipped", reason="could not install litellm")
     memory = {"embedder": {"deployment_per_s": 450.0, "raw_per_s": 500.0,
@@ -200,7 +224,10 @@ def test_goals_compute_the_ratios_the_issue_names() -> None:
     assert on_rps.value == pytest.approx(100 / 250) and on_rps.status == "info"
     assert _goal(items, "memory on vs memory off, CPU").value == pytest.approx(20 / 6)
     assert _goal(items, "`pacore up` ready time, warm install, whole").value == 13.0
-    assert _goal(items, "whole graph RSS").status == "PASS"
+    assert _goal(items, "whole graph RSS at idle (all").status == "MISS"
+    floor = _goal(items, "whole graph RSS at idle vs a bare Serve graph")
+    assert floor.value == pytest.approx(2800 / (1000 + 9 * 150)) and floor.status == "info"
+    assert "9 replicas vs 2350 MB" in floor.detail and "9 replicas of its 150 MB each" in floor.detail
     assert _goal(items, "embedder deployment").value == pytest.approx(0.9)
     assert _goal(items, "embedder one short query, ONNX").value == pytest.approx(1 / 3)
     assert _goal(items, "embedder batches of 64, ONNX").value == pytest.approx(1.5)
@@ -216,8 +243,10 @@ def test_a_goal_missed_or_unmeasured_says_so() -> None:
     assert report.Goal("x", 1.9, 2.0, False, "x", "").status == "MISS"
     assert report.Goal("x", None, 2.0, False, "x", "").status == "N/A"
     r = _results(with_litellm=False)
+    del r["systems"][report.BARE]["serve_replicas_idle"]  # a run from before it was counted
     items = report.goals(report.aggregate(r["cells"]), r["systems"])
     assert _goal(items, "added p50 latency, c=1, vs LiteLLM").status == "N/A"
+    assert _goal(items, "whole graph RSS at idle vs a bare").detail == "not measured"
     assert _goal(items, "added p50 latency, c=1, vs bare").status == "PASS"
 
 
